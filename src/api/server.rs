@@ -1,0 +1,219 @@
+//! Binding and serving the API: the Unix socket always, the TCP listener
+//! (mutual TLS only) when configured. Binding is separate from serving so the
+//! daemon fails before it announces readiness when a socket cannot be had.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tracing::Instrument as _;
+
+use super::service::NodeAgentService;
+use crate::agent::Agent;
+use crate::config::{ApiConfig, MtlsFiles};
+use crate::proto;
+use crate::proto::node_agent_server::NodeAgentServer;
+
+/// Owner and group may connect; the group is how operators other than root
+/// are let in.
+const SOCKET_MODE: u32 = 0o660;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The socket's folder could not be made.
+    #[error("cannot create {}: {source}", path.display())]
+    SocketDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another process already serves the socket.
+    #[error("{} is in use by another running gpuwarden; stop it or set api.unix_socket", path.display())]
+    SocketInUse { path: PathBuf },
+    /// Binding a listener failed.
+    #[error("cannot listen on {what}: {source}")]
+    Bind {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A TLS file named in the config could not be read.
+    #[error("cannot read {key} {}: {source}", path.display())]
+    TlsFile {
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The certificate and key were read but do not make a TLS server.
+    #[error("api.tls_cert / api.tls_key / api.client_ca do not form a usable TLS setup: {0}")]
+    Tls(#[source] tonic::transport::Error),
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+impl ApiError {
+    /// Whether the operator must change the config or its files to fix it.
+    pub fn is_config_problem(&self) -> bool {
+        matches!(self, Self::TlsFile { .. } | Self::Tls(_) | Self::SocketInUse { .. })
+    }
+}
+
+/// Listeners bound and ready to serve.
+#[derive(Debug)]
+pub struct BoundApi {
+    unix: UnixListener,
+    unix_path: PathBuf,
+    tcp: Option<(TcpListener, ServerTlsConfig)>,
+}
+
+/// Binds the Unix socket and, when configured, the TCP listener.
+pub async fn bind(config: &ApiConfig) -> Result<BoundApi, ApiError> {
+    let unix = bind_unix(&config.unix_socket).await?;
+    let tcp = match &config.tcp {
+        Some(tcp) => {
+            let tls = server_tls(&tcp.tls).await?;
+            let listener = TcpListener::bind(tcp.listen)
+                .await
+                .map_err(|source| ApiError::Bind {
+                    what: format!("api.listen {}", tcp.listen),
+                    source,
+                })?;
+            Some((listener, tls))
+        }
+        None => None,
+    };
+    Ok(BoundApi {
+        unix,
+        unix_path: config.unix_socket.clone(),
+        tcp,
+    })
+}
+
+async fn bind_unix(path: &Path) -> Result<UnixListener, ApiError> {
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|source| ApiError::SocketDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+    }
+    // A socket file left by a killed agent is removed; one that answers
+    // belongs to a live agent and is left alone.
+    if tokio::fs::symlink_metadata(path).await.is_ok() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(ApiError::SocketInUse {
+                path: path.to_path_buf(),
+            });
+        }
+        let _ = tokio::fs::remove_file(path).await;
+    }
+    let bind_error = |source| ApiError::Bind {
+        what: format!("api.unix_socket {}", path.display()),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(bind_error)?;
+    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
+        .await
+        .map_err(bind_error)?;
+    Ok(listener)
+}
+
+async fn server_tls(files: &MtlsFiles) -> Result<ServerTlsConfig, ApiError> {
+    let read = |key: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        async move {
+            tokio::fs::read(&path)
+                .await
+                .map_err(|source| ApiError::TlsFile { key, path, source })
+        }
+    };
+    let cert = read("api.tls_cert", &files.cert).await?;
+    let key = read("api.tls_key", &files.key).await?;
+    let ca = read("api.client_ca", &files.ca).await?;
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(ca))
+        .client_auth_optional(false))
+}
+
+/// Reads the TLS files of the TCP listener and checks they make a server,
+/// as `bind` would, without binding anything: for `check-config`.
+pub async fn check_tls(files: &MtlsFiles) -> Result<(), ApiError> {
+    Server::builder()
+        .tls_config(server_tls(files).await?)
+        .map_err(ApiError::Tls)?;
+    Ok(())
+}
+
+impl BoundApi {
+    /// Serves the API on every bound listener until `shutdown`, each
+    /// listener in its own tracked task. In-flight calls finish first.
+    pub async fn serve(
+        self,
+        agent: Arc<Agent>,
+        shutdown: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<(), ApiError> {
+        let node_agent = NodeAgentServer::new(NodeAgentService::new(agent));
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<NodeAgentServer<NodeAgentService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let with_services = |mut server: Server| {
+            server
+                .add_service(node_agent.clone())
+                .add_service(health_service.clone())
+                .add_service(reflection.clone())
+        };
+
+        let unix_routes = with_services(Server::builder());
+        let stopped = shutdown.clone().cancelled_owned();
+        let unix_path = self.unix_path.clone();
+        tasks.spawn(
+            async move {
+                tracing::info!(socket = %unix_path.display(), "serving the API on the Unix socket");
+                let incoming = UnixListenerStream::new(self.unix);
+                if let Err(error) = unix_routes
+                    .serve_with_incoming_shutdown(incoming, stopped)
+                    .await
+                {
+                    tracing::error!(error = %super::client::error_chain(&error), "Unix socket server failed");
+                }
+                let _ = tokio::fs::remove_file(&unix_path).await;
+            }
+            .instrument(tracing::info_span!("api_unix")),
+        );
+
+        if let Some((listener, tls)) = self.tcp {
+            let local = listener.local_addr().ok();
+            let tcp_routes =
+                with_services(Server::builder().tls_config(tls).map_err(ApiError::Tls)?);
+            let stopped = shutdown.clone().cancelled_owned();
+            tasks.spawn(
+                async move {
+                    tracing::info!(listen = ?local, "serving the API over mutual TLS");
+                    let incoming = TcpListenerStream::new(listener);
+                    if let Err(error) = tcp_routes
+                        .serve_with_incoming_shutdown(incoming, stopped)
+                        .await
+                    {
+                        tracing::error!(error = %super::client::error_chain(&error), "TCP server failed");
+                    }
+                }
+                .instrument(tracing::info_span!("api_tcp")),
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,74 @@
+//! `gpuwarden run`: build everything the agent needs (failing before it
+//! serves anything if a part is missing), serve, and on SIGTERM or SIGINT
+//! stop accepting, let in-flight requests finish within a bound, and exit.
+//! Containers are never stopped by a shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::agent::Agent;
+use crate::api::server::{self, ApiError};
+use crate::config::Config;
+use crate::gpu::{self, GpuError};
+
+/// How long in-flight requests get to finish after a stop signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+impl DaemonError {
+    /// Whether the operator must change the config or the files it names
+    /// (a restart alone will not help).
+    pub fn is_config_problem(&self) -> bool {
+        match self {
+            Self::Gpu(GpuError::Fixture(_)) => true,
+            Self::Api(api) => api.is_config_problem(),
+            _ => false,
+        }
+    }
+}
+
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    // Build: every part is opened or bound before anything is served.
+    let backend = gpu::open(&config.gpu.source)?;
+    let agent = Arc::new(Agent::start(config.node_id.clone(), backend).await?);
+    let api = server::bind(&config.api).await?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+
+    // Spawn.
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    api.serve(Arc::clone(&agent), &shutdown, &tasks).await?;
+    tracing::info!(node_id = %config.node_id, "gpuwarden is ready");
+
+    // Wait for the one stop signal, then drain within a bound.
+    let signal_name = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    tracing::info!(signal = signal_name, "stopping: finishing in-flight requests");
+    shutdown.cancel();
+    tasks.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait()).await.is_err() {
+        tracing::warn!(
+            timeout_seconds = DRAIN_TIMEOUT.as_secs(),
+            "in-flight requests did not finish in time; exiting anyway"
+        );
+    }
+    tracing::info!("stopped; containers were left running");
+    Ok(())
+}

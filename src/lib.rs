@@ -1,0 +1,28 @@
+//! gpuwarden: the per-host agent of a GPU cloud. It discovers the host's
+//! GPUs and MIG instances (`gpu`), serves them and the session API over gRPC
+//! (`api`), and grows session launch, metering and enforcement from there.
+
+pub mod agent;
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod gpu;
+pub mod inventory;
+pub mod logging;
+pub mod toml_file;
+
+/// Generated from `proto/gpuwarden/v1/*.proto`.
+#[allow(
+    unused_qualifications,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::pedantic
+)]
+pub mod proto {
+    tonic::include_proto!("gpuwarden.v1");
+
+    /// The encoded descriptors of the protos, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("gpuwarden_descriptor");
+}
