@@ -256,7 +256,9 @@ impl Validator<'_> {
         value.parse().map_err(|_| {
             self.bad(
                 key,
-                format!("`{value}` is not an address and port such as `127.0.0.1:9477` or `[::]:7443`"),
+                format!(
+                    "`{value}` is not an address and port such as `127.0.0.1:9477` or `[::]:7443`"
+                ),
             )
         })
     }
@@ -290,7 +292,10 @@ impl Validator<'_> {
         let node_id = match file.node_id {
             Some(id) => id,
             None => local_hostname().ok_or_else(|| {
-                self.bad("node_id", "is not set and the host name could not be read: set it")
+                self.bad(
+                    "node_id",
+                    "is not set and the host name could not be read: set it",
+                )
             })?,
         };
         validate_node_id(&node_id).map_err(|reason| self.bad("node_id", reason))?;
@@ -305,7 +310,10 @@ impl Validator<'_> {
         let api = self.api(file.api)?;
         let metrics_listen = self.socket_addr(
             "metrics.listen",
-            file.metrics.listen.as_deref().unwrap_or(DEFAULT_METRICS_LISTEN),
+            file.metrics
+                .listen
+                .as_deref()
+                .unwrap_or(DEFAULT_METRICS_LISTEN),
         )?;
 
         let mode = match (file.control_plane, file.policy.file) {
@@ -383,12 +391,19 @@ impl Validator<'_> {
         };
         Ok(GpuConfig {
             source,
-            rescan_interval: self.seconds("gpu.rescan_seconds", gpu.rescan_seconds, 30, 1..=86400)?,
+            rescan_interval: self.seconds(
+                "gpu.rescan_seconds",
+                gpu.rescan_seconds,
+                30,
+                1..=86400,
+            )?,
         })
     }
 
     fn docker(&self, docker: DockerSection) -> Result<DockerConfig, ConfigError> {
-        let socket = docker.socket.unwrap_or_else(|| DEFAULT_DOCKER_SOCKET.into());
+        let socket = docker
+            .socket
+            .unwrap_or_else(|| DEFAULT_DOCKER_SOCKET.into());
         let path = socket
             .strip_prefix("unix://")
             .filter(|path| path.starts_with('/'))
@@ -410,7 +425,8 @@ impl Validator<'_> {
     fn api(&self, api: ApiSection) -> Result<ApiConfig, ConfigError> {
         let unix_socket = self.resolve(
             "api.unix_socket",
-            api.unix_socket.unwrap_or_else(|| DEFAULT_UNIX_SOCKET.into()),
+            api.unix_socket
+                .unwrap_or_else(|| DEFAULT_UNIX_SOCKET.into()),
         )?;
         let tls_files = [api.tls_cert, api.tls_key, api.client_ca];
         let tcp = match api.listen {
@@ -555,20 +571,72 @@ mod tests {
     #[test]
     fn wrong_values_name_the_key_and_the_fix() {
         let cases = [
-            ("[gpu]\nbackend = \"cuda\"", "gpu.backend", "unknown variant"),
-            ("[gpu]\nbackend = \"simulated\"", "gpu.fixture", "is required"),
-            ("[gpu]\nfixture = \"x.toml\"", "gpu.fixture", "only read with backend"),
-            ("[gpu]\nrescan_seconds = 0", "gpu.rescan_seconds", "out of range"),
-            ("[gpu]\nrescan_seconds = -3", "gpu.rescan_seconds", "invalid value"),
-            ("[docker]\nsocket = \"tcp://1.2.3.4:2375\"", "docker.socket", "Unix socket"),
-            ("[docker]\ndevice_injection = \"magic\"", "docker.device_injection", "unknown variant"),
+            (
+                "[gpu]\nbackend = \"cuda\"",
+                "gpu.backend",
+                "unknown variant",
+            ),
+            (
+                "[gpu]\nbackend = \"simulated\"",
+                "gpu.fixture",
+                "is required",
+            ),
+            (
+                "[gpu]\nfixture = \"x.toml\"",
+                "gpu.fixture",
+                "only read with backend",
+            ),
+            (
+                "[gpu]\nrescan_seconds = 0",
+                "gpu.rescan_seconds",
+                "out of range",
+            ),
+            (
+                "[gpu]\nrescan_seconds = -3",
+                "gpu.rescan_seconds",
+                "invalid value",
+            ),
+            (
+                "[docker]\nsocket = \"tcp://1.2.3.4:2375\"",
+                "docker.socket",
+                "Unix socket",
+            ),
+            (
+                "[docker]\ndevice_injection = \"magic\"",
+                "docker.device_injection",
+                "unknown variant",
+            ),
             ("[api]\nlisten = \"7443\"", "api.listen", "address and port"),
-            ("[api]\nlisten = \"0.0.0.0:7443\"", "api.tls_cert", "mutual TLS"),
-            ("[api]\nclient_ca = \"ca.pem\"", "api.client_ca", "set api.listen"),
-            ("[metrics]\nlisten = \"localhost\"", "metrics.listen", "address and port"),
-            ("[metering]\ncheckpoint_seconds = 0", "metering.checkpoint_seconds", "out of range"),
-            ("[health]\nrecovery_seconds = 0", "health.recovery_seconds", "out of range"),
-            ("[control_plane]\ntls_cert = \"c\"", "control_plane.endpoint", "is required"),
+            (
+                "[api]\nlisten = \"0.0.0.0:7443\"",
+                "api.tls_cert",
+                "mutual TLS",
+            ),
+            (
+                "[api]\nclient_ca = \"ca.pem\"",
+                "api.client_ca",
+                "set api.listen",
+            ),
+            (
+                "[metrics]\nlisten = \"localhost\"",
+                "metrics.listen",
+                "address and port",
+            ),
+            (
+                "[metering]\ncheckpoint_seconds = 0",
+                "metering.checkpoint_seconds",
+                "out of range",
+            ),
+            (
+                "[health]\nrecovery_seconds = 0",
+                "health.recovery_seconds",
+                "out of range",
+            ),
+            (
+                "[control_plane]\ntls_cert = \"c\"",
+                "control_plane.endpoint",
+                "is required",
+            ),
             (
                 "[control_plane]\nendpoint = \"http://cp:80\"",
                 "control_plane.endpoint",
@@ -639,7 +707,10 @@ recovery_seconds = 300
         .unwrap();
         let tcp = config.api.tcp.unwrap();
         assert_eq!(tcp.listen, "0.0.0.0:7443".parse().unwrap());
-        assert_eq!(tcp.tls.ca, PathBuf::from("/etc/gpuwarden/tls/clients-ca.pem"));
+        assert_eq!(
+            tcp.tls.ca,
+            PathBuf::from("/etc/gpuwarden/tls/clients-ca.pem")
+        );
         assert_eq!(config.docker.device_injection, DeviceInjection::Env);
         let Mode::ControlPlane(cp) = config.mode else {
             panic!("expected control-plane mode")

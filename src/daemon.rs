@@ -60,15 +60,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         _ = sigterm.recv() => "SIGTERM",
         _ = sigint.recv() => "SIGINT",
     };
-    tracing::info!(signal = signal_name, "stopping: finishing in-flight requests");
+    tracing::info!(
+        signal = signal_name,
+        "stopping: finishing in-flight requests"
+    );
     shutdown.cancel();
     tasks.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait()).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             timeout_seconds = DRAIN_TIMEOUT.as_secs(),
             "in-flight requests did not finish in time; exiting anyway"
         );
     }
+    // Clients then get "no such file" rather than a refused connection.
+    let _ = tokio::fs::remove_file(&config.api.unix_socket).await;
     tracing::info!("stopped; containers were left running");
     Ok(())
 }

@@ -98,9 +98,51 @@ impl Refusal {
     }
 }
 
+/// An error and its sources joined with `: `, for one log or terminal line.
+/// A source whose text its parent already quotes is not repeated.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read x.pem: {source}")]
+    struct Quoting {
+        source: std::io::Error,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("transport error")]
+    struct Terse {
+        #[source]
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn chains_add_what_the_parent_does_not_already_say() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        assert_eq!(
+            chain(&Quoting { source: io() }),
+            "cannot read x.pem: no such file"
+        );
+        assert_eq!(
+            chain(&Terse { source: io() }),
+            "transport error: no such file"
+        );
+    }
 
     #[test]
     fn reasons_round_trip_through_their_wire_names() {

@@ -256,7 +256,10 @@ mod tests {
     #[test]
     fn counts_follow_the_devices() {
         let view = dgx();
-        assert_eq!((view.gpus, view.mig_instances, view.assignable), (8, 11, 17));
+        assert_eq!(
+            (view.gpus, view.mig_instances, view.assignable),
+            (8, 11, 17)
+        );
         assert_eq!(view.devices.len(), 19);
     }
 
@@ -270,14 +273,23 @@ mod tests {
         assert_eq!(first_mig.kind, DeviceKind::Mig);
         assert_eq!(first_mig.parent_uuid.as_ref(), Some(&parent.uuid));
         assert_eq!(first_mig.class, "NVIDIA A100-SXM4-80GB MIG 1g.10gb");
-        assert_eq!((first_mig.compute_slices, first_mig.gpu_compute_slices), (1, 7));
+        assert_eq!(
+            (first_mig.compute_slices, first_mig.gpu_compute_slices),
+            (1, 7)
+        );
     }
 
     #[test]
     fn the_table_ends_with_the_counts() {
         let table = dgx().render_table();
-        assert!(table.ends_with("8 GPUs, 11 MIG instances, 17 assignable devices\n"), "{table}");
-        assert!(table.contains("MIG-0d4b7102-166c-4d26-804d-35a10322fc1b"), "{table}");
+        assert!(
+            table.ends_with("8 GPUs, 11 MIG instances, 17 assignable devices\n"),
+            "{table}"
+        );
+        assert!(
+            table.contains("MIG-0d4b7102-166c-4d26-804d-35a10322fc1b"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -21,7 +21,11 @@ use gpuwarden::proto;
 const EXIT_BAD_CONFIG: u8 = 64;
 
 #[derive(Debug, Parser)]
-#[command(name = "gpuwarden", version, about = "GPU host agent: discovers GPUs and MIG instances, launches containers with exactly their devices, meters GPU-seconds.")]
+#[command(
+    name = "gpuwarden",
+    version,
+    about = "GPU host agent: discovers GPUs and MIG instances, launches containers with exactly their devices, meters GPU-seconds."
+)]
 struct Cli {
     /// Log format on stderr (level: GPUWARDEN_LOG, e.g. `debug`).
     #[arg(long, value_enum, default_value = "text", global = true)]
@@ -109,7 +113,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure { code, error }) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", gpuwarden::error::chain(error.as_ref()));
             ExitCode::from(code)
         }
     }
@@ -127,10 +131,9 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 }
             })
         }
-        Command::CheckConfig { config } => check_config(&config).await.map_err(|error| Failure {
-            code: 1,
-            error,
-        }),
+        Command::CheckConfig { config } => check_config(&config)
+            .await
+            .map_err(|error| Failure { code: 1, error }),
         Command::Inventory {
             config,
             simulate,
@@ -201,7 +204,10 @@ async fn inventory(
     } else {
         node_id
     };
-    print_inventory(&InventoryView::from_scan(&node_id, &scan, SystemTime::now()), json)
+    print_inventory(
+        &InventoryView::from_scan(&node_id, &scan, SystemTime::now()),
+        json,
+    )
 }
 
 async fn ctl(socket: &Path, json: bool, command: CtlCommand) -> Result<(), Failure> {

@@ -156,7 +156,10 @@ mod tests {
     #[test]
     fn the_message_names_file_key_and_reason() {
         let err = FileError::invalid(Path::new("/etc/x.toml"), "api.listen", "needs a port");
-        assert_eq!(err.to_string(), "/etc/x.toml: key `api.listen`: needs a port");
+        assert_eq!(
+            err.to_string(),
+            "/etc/x.toml: key `api.listen`: needs a port"
+        );
         assert_eq!(err.key(), Some("api.listen"));
     }
 }

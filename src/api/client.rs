@@ -19,6 +19,12 @@ pub struct ConnectError {
 
 /// Connects to the agent listening on the Unix socket at `path`.
 pub async fn connect_unix(path: &Path) -> Result<NodeAgentClient<Channel>, ConnectError> {
+    Ok(NodeAgentClient::new(unix_channel(path).await?))
+}
+
+/// A gRPC channel over the Unix socket at `path`, for any of the services
+/// the agent serves there (NodeAgent, health, reflection).
+pub async fn unix_channel(path: &Path) -> Result<Channel, ConnectError> {
     let socket = path.to_path_buf();
     // The URI is required by the API but unused: the connector below decides
     // where the bytes go.
@@ -30,19 +36,7 @@ pub async fn connect_unix(path: &Path) -> Result<NodeAgentClient<Channel>, Conne
         .await
         .map_err(|e| ConnectError {
             path: path.to_path_buf(),
-            detail: error_chain(&e),
+            detail: crate::error::chain(&e),
         })?;
-    Ok(NodeAgentClient::new(channel))
-}
-
-/// An error and its sources, joined: transport errors say little at the top.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    Ok(channel)
 }

@@ -105,7 +105,12 @@ impl TryFrom<proto::Device> for DeviceView {
             Some(proto::DeviceHealth::Healthy) => Health::Healthy,
             Some(proto::DeviceHealth::Unhealthy) => Health::Unhealthy,
             Some(proto::DeviceHealth::Lost) => Health::Lost,
-            _ => return Err(malformed("Device", format!("{} has no health", device.uuid))),
+            _ => {
+                return Err(malformed(
+                    "Device",
+                    format!("{} has no health", device.uuid),
+                ));
+            }
         };
         let gpu = kind == DeviceKind::Gpu;
         let non_empty = |s: String| (!s.is_empty()).then_some(s);

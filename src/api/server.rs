@@ -60,7 +60,10 @@ pub enum ApiError {
 impl ApiError {
     /// Whether the operator must change the config or its files to fix it.
     pub fn is_config_problem(&self) -> bool {
-        matches!(self, Self::TlsFile { .. } | Self::Tls(_) | Self::SocketInUse { .. })
+        matches!(
+            self,
+            Self::TlsFile { .. } | Self::Tls(_) | Self::SocketInUse { .. }
+        )
     }
 }
 
@@ -68,6 +71,7 @@ impl ApiError {
 #[derive(Debug)]
 pub struct BoundApi {
     unix: UnixListener,
+    /// Removed by the daemon once it has stopped serving.
     unix_path: PathBuf,
     tcp: Option<(TcpListener, ServerTlsConfig)>,
 }
@@ -78,12 +82,13 @@ pub async fn bind(config: &ApiConfig) -> Result<BoundApi, ApiError> {
     let tcp = match &config.tcp {
         Some(tcp) => {
             let tls = server_tls(&tcp.tls).await?;
-            let listener = TcpListener::bind(tcp.listen)
-                .await
-                .map_err(|source| ApiError::Bind {
-                    what: format!("api.listen {}", tcp.listen),
-                    source,
-                })?;
+            let listener =
+                TcpListener::bind(tcp.listen)
+                    .await
+                    .map_err(|source| ApiError::Bind {
+                        what: format!("api.listen {}", tcp.listen),
+                        source,
+                    })?;
             Some((listener, tls))
         }
         None => None,
@@ -179,7 +184,7 @@ impl BoundApi {
 
         let unix_routes = with_services(Server::builder());
         let stopped = shutdown.clone().cancelled_owned();
-        let unix_path = self.unix_path.clone();
+        let unix_path = self.unix_path;
         tasks.spawn(
             async move {
                 tracing::info!(socket = %unix_path.display(), "serving the API on the Unix socket");
@@ -188,9 +193,8 @@ impl BoundApi {
                     .serve_with_incoming_shutdown(incoming, stopped)
                     .await
                 {
-                    tracing::error!(error = %super::client::error_chain(&error), "Unix socket server failed");
+                    tracing::error!(error = %crate::error::chain(&error), "Unix socket server failed");
                 }
-                let _ = tokio::fs::remove_file(&unix_path).await;
             }
             .instrument(tracing::info_span!("api_unix")),
         );
@@ -208,7 +212,7 @@ impl BoundApi {
                         .serve_with_incoming_shutdown(incoming, stopped)
                         .await
                     {
-                        tracing::error!(error = %super::client::error_chain(&error), "TCP server failed");
+                        tracing::error!(error = %crate::error::chain(&error), "TCP server failed");
                     }
                 }
                 .instrument(tracing::info_span!("api_tcp")),

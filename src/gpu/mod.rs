@@ -259,7 +259,10 @@ mod tests {
             cuda_version: "1".into(),
             backend: BackendKind::Simulated,
             gpus: vec![
-                gpu(0, vec![mig("MIG-a", "1g.10gb", 1), mig("MIG-b", "3g.40gb", 3)]),
+                gpu(
+                    0,
+                    vec![mig("MIG-a", "1g.10gb", 1), mig("MIG-b", "3g.40gb", 3)],
+                ),
                 gpu(1, vec![]),
             ],
         };

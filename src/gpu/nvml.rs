@@ -81,7 +81,9 @@ impl NvmlBackend {
             .map_err(at("nvmlDeviceGetHandleByIndex_v2"))?;
         let uuid = device.uuid().map_err(at("nvmlDeviceGetUUID"))?;
         let name = device.name().map_err(at("nvmlDeviceGetName"))?;
-        let memory = device.memory_info().map_err(at("nvmlDeviceGetMemoryInfo"))?;
+        let memory = device
+            .memory_info()
+            .map_err(at("nvmlDeviceGetMemoryInfo"))?;
         let pci = device.pci_info().map_err(at("nvmlDeviceGetPciInfo_v3"))?;
         let mig_mode = match device.mig_mode() {
             Ok(mode) => mode.current == MIG_ENABLED,
@@ -133,8 +135,9 @@ impl NvmlBackend {
             };
             let uuid = mig.uuid().map_err(at("nvmlDeviceGetUUID"))?;
             let attributes = mig.attributes().map_err(at("nvmlDeviceGetAttributes_v2"))?;
-            let (gpu_instance_id, compute_instance_id) =
-                self.mig_instance_ids(&mig).map_err(at("nvmlDeviceGetGpuInstanceId"))?;
+            let (gpu_instance_id, compute_instance_id) = self
+                .mig_instance_ids(&mig)
+                .map_err(at("nvmlDeviceGetGpuInstanceId"))?;
             instances.push(MigInstance {
                 uuid: DeviceUuid::new(uuid),
                 profile: mig_profile(
@@ -258,7 +261,10 @@ mod tests {
         let err = NvmlBackend::open(Some(Path::new("/nonexistent/libnvidia-ml.so.1"))).unwrap_err();
         let message = err.to_string();
         assert!(matches!(err, GpuError::LibraryMissing { .. }), "{message}");
-        assert!(message.contains("/nonexistent/libnvidia-ml.so.1"), "{message}");
+        assert!(
+            message.contains("/nonexistent/libnvidia-ml.so.1"),
+            "{message}"
+        );
         assert!(message.contains("backend = \"simulated\""), "{message}");
     }
 }

@@ -81,7 +81,9 @@ fn validate(path: &Path, file: FixtureFile) -> Result<HostInventory, FixtureErro
         if !uuid.starts_with(prefix) || uuid.len() == prefix.len() {
             return Err(bad(
                 key.into(),
-                format!("`{uuid}` is not a device UUID: it must start with `{prefix}` as NVML reports it"),
+                format!(
+                    "`{uuid}` is not a device UUID: it must start with `{prefix}` as NVML reports it"
+                ),
             ));
         }
         if let Some(first) = seen_uuids.insert(uuid.to_owned(), key.to_owned()) {
@@ -107,7 +109,10 @@ fn validate(path: &Path, file: FixtureFile) -> Result<HostInventory, FixtureErro
             return Err(bad(format!("{at}.name"), "must not be empty".into()));
         }
         if gpu.memory_mib == 0 {
-            return Err(bad(format!("{at}.memory_mib"), "must be more than 0".into()));
+            return Err(bad(
+                format!("{at}.memory_mib"),
+                "must be more than 0".into(),
+            ));
         }
         if gpu.pci_bus_id.trim().is_empty() || !seen_pci.insert(gpu.pci_bus_id.as_str()) {
             return Err(bad(
@@ -295,7 +300,11 @@ mod tests {
         let inventory = parse(H100_PAIR).unwrap();
         let assignable = inventory.assignable();
         assert_eq!(assignable.len(), 2);
-        assert!(assignable.iter().all(|d| d.class == "NVIDIA H100 80GB HBM3"));
+        assert!(
+            assignable
+                .iter()
+                .all(|d| d.class == "NVIDIA H100 80GB HBM3")
+        );
     }
 
     #[test]
@@ -330,7 +339,10 @@ mod tests {
         );
         let (key, reason) = refusal(&text);
         assert_eq!(key, "gpus[1].uuid");
-        assert!(reason.contains("already used by `gpus[0].uuid`"), "{reason}");
+        assert!(
+            reason.contains("already used by `gpus[0].uuid`"),
+            "{reason}"
+        );
     }
 
     #[test]

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The project's test command, on a fresh Debian/Ubuntu machine or a dev box:
+#   1. as root, installs what the tests need when it is missing: the Docker
+#      engine (docker.io), busybox-static (for the test image) and prometheus
+#      (for promtool);
+#   2. starts dockerd when none answers, and imports the busybox test image;
+#   3. runs cargo fmt --check, cargo clippy -D warnings, and cargo test.
+# Not root and something missing: it says what, and the tests that need it fail.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TEST_IMAGE="${GPUWARDEN_TEST_IMAGE:-gpuwarden-test/busybox:latest}"
+log() { printf '==> %s\n' "$*" >&2; }
+
+missing=()
+command -v dockerd >/dev/null || missing+=(docker.io)
+[ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 && ldd /bin/busybox 2>&1 | grep -q "not a dynamic" \
+  || missing+=(busybox-static)
+command -v promtool >/dev/null || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    log "missing ${missing[*]}: run this as root once, or install them"
+  fi
+fi
+
+docker_up() { docker version --format '{{.Server.Version}}' >/dev/null 2>&1; }
+if command -v dockerd >/dev/null && ! docker_up; then
+  if [ "$(id -u)" = 0 ]; then
+    log "starting dockerd (log: /tmp/gpuwarden-test-dockerd.log)"
+    # setsid: the engine outlives this script, as a system service would.
+    setsid dockerd >/tmp/gpuwarden-test-dockerd.log 2>&1 < /dev/null &
+    for _ in $(seq 1 60); do docker_up && break; sleep 0.5; done
+    docker_up || { log "dockerd did not start:"; tail -20 /tmp/gpuwarden-test-dockerd.log >&2; exit 1; }
+  else
+    log "no Docker engine answers and this is not root: the Docker tests will fail"
+  fi
+fi
+
+if docker_up && ! docker image inspect "$TEST_IMAGE" >/dev/null 2>&1; then
+  log "importing $TEST_IMAGE from busybox-static"
+  rootfs=$(mktemp -d)
+  trap 'rm -rf "$rootfs"' EXIT
+  mkdir -p "$rootfs/bin"
+  cp /bin/busybox "$rootfs/bin/busybox"
+  for applet in $(/bin/busybox --list); do
+    [ "$applet" = busybox ] || ln -s busybox "$rootfs/bin/$applet"
+  done
+  tar -C "$rootfs" -c . | docker import -c 'CMD ["/bin/sh"]' - "$TEST_IMAGE" >/dev/null
+fi
+export GPUWARDEN_TEST_IMAGE="$TEST_IMAGE"
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+log "cargo test"
+cargo test --locked

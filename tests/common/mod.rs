@@ -1,0 +1,135 @@
+//! Helpers shared by the integration tests: a real `gpuwarden` daemon in a
+//! temporary state folder, reached over its real Unix socket.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use gpuwarden::api::client;
+use gpuwarden::proto::node_agent_client::NodeAgentClient;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_gpuwarden");
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// Runs the binary to completion.
+pub fn gpuwarden(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("the gpuwarden binary runs")
+}
+
+/// A daemon started from a config written into its own temporary folder;
+/// killed when dropped if still running.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    child: Child,
+}
+
+/// How long a daemon may take to start serving before a test gives up.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Daemon {
+    /// Starts `gpuwarden run` on the given fixture; `extra` is appended to
+    /// the config file.
+    pub fn start(fixture_name: &str, extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("run/gpuwarden.sock");
+        let config = dir.path().join("gpuwarden.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "node_id = \"test-node\"\nstate_dir = \"{}\"\n[gpu]\nbackend = \"simulated\"\nfixture = \"{}\"\n[api]\nunix_socket = \"{}\"\n{extra}",
+                dir.path().join("state").display(),
+                fixture(fixture_name).display(),
+                socket.display(),
+            ),
+        )
+        .unwrap();
+        let child = spawn(&config);
+        Self {
+            dir,
+            socket,
+            config,
+            child,
+        }
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would, and starts a new
+    /// one on the same config and state.
+    pub async fn kill_and_restart(&mut self) {
+        self.signal(Signal::SIGKILL);
+        self.wait(Duration::from_secs(15)).await;
+        self.child = spawn(&self.config);
+    }
+
+    /// Waits until the daemon answers on its socket (polling, bounded).
+    pub async fn client(&mut self) -> NodeAgentClient<Channel> {
+        NodeAgentClient::new(self.channel().await)
+    }
+
+    pub async fn channel(&mut self) -> Channel {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(channel) = client::unix_channel(&self.socket).await {
+                return channel;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("gpuwarden exited before serving: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gpuwarden did not serve within {START_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+
+    /// Waits for the process to exit (polling, bounded) and returns its
+    /// status. Async so the test's own connections keep being driven.
+    pub async fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gpuwarden did not exit within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn spawn(config: &Path) -> Child {
+    Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
