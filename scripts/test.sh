@@ -14,8 +14,8 @@ log() { printf '==> %s\n' "$*" >&2; }
 
 missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
-[ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 && ldd /bin/busybox 2>&1 | grep -q "not a dynamic" \
-  || missing+=(busybox-static)
+# The image needs the static build: it runs alone in an empty rootfs.
+dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 command -v promtool >/dev/null || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
