@@ -1,16 +1,22 @@
-//! The agent's domain core: what this node has and (as the product grows)
-//! what runs on it. The gRPC layer (`api`) only converts to and from it.
+//! The agent's domain core: what this node has and what runs on it. The
+//! gRPC layer (`api`) only converts to and from it.
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
+use crate::error::Refusal;
 use crate::gpu::{self, GpuBackend, GpuError, HostInventory};
 use crate::inventory::InventoryView;
+use crate::session::manager::SessionManager;
+use crate::session::request::LaunchRequest;
+use crate::session::{Caller, SessionRecord};
 
 #[derive(Debug)]
 pub struct Agent {
     node_id: String,
     last_scan: RwLock<Scan>,
+    sessions: Arc<SessionManager>,
 }
 
 #[derive(Debug, Clone)]
@@ -21,7 +27,11 @@ struct Scan {
 
 impl Agent {
     /// Scans the GPUs once; an agent that cannot see its GPUs does not start.
-    pub async fn start(node_id: String, gpus: Arc<dyn GpuBackend>) -> Result<Self, GpuError> {
+    pub async fn start(
+        node_id: String,
+        gpus: Arc<dyn GpuBackend>,
+        sessions: Arc<SessionManager>,
+    ) -> Result<Self, GpuError> {
         let inventory = gpu::blocking(&gpus, |backend| backend.discover()).await?;
         tracing::info!(
             backend = gpus.kind().as_str(),
@@ -37,6 +47,7 @@ impl Agent {
                 inventory,
                 at: SystemTime::now(),
             }),
+            sessions,
         })
     }
 
@@ -44,15 +55,44 @@ impl Agent {
         &self.node_id
     }
 
-    /// The devices as of the last scan.
-    pub fn inventory(&self) -> InventoryView {
+    pub fn sessions(&self) -> &Arc<SessionManager> {
+        &self.sessions
+    }
+
+    fn scan(&self) -> Scan {
         // A poisoned lock only means a panic elsewhere mid-write of a plain
         // value; the scan in it is still whole.
-        let scan = self
-            .last_scan
+        self.last_scan
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        InventoryView::from_scan(&self.node_id, &scan.inventory, scan.at)
+            .clone()
+    }
+
+    /// The devices as of the last scan, with the sessions holding them.
+    pub async fn inventory(&self) -> Result<InventoryView, Refusal> {
+        let scan = self.scan();
+        let mut view = InventoryView::from_scan(&self.node_id, &scan.inventory, scan.at);
+        let busy: HashMap<_, _> = self.sessions.busy_devices().await?;
+        for device in &mut view.devices {
+            device.session_id = busy.get(&device.uuid).cloned();
+        }
+        view.draining = self.sessions.is_draining();
+        Ok(view)
+    }
+
+    /// Where a launch is decided: the request is checked, then the session
+    /// manager reserves devices among this node's assignable ones.
+    pub async fn launch(
+        &self,
+        caller: &Caller,
+        request: LaunchRequest,
+    ) -> Result<SessionRecord, Refusal> {
+        let mut request = request;
+        if request.principal.is_none() {
+            request.principal = caller.principal.clone();
+        }
+        let plan = request.validate()?;
+        let devices = self.scan().inventory.assignable();
+        self.sessions.launch(plan, devices, Vec::new()).await
     }
 }

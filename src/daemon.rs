@@ -10,10 +10,18 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use tracing::Instrument as _;
+
 use crate::agent::Agent;
 use crate::api::server::{self, ApiError};
+use crate::clock::SystemClock;
 use crate::config::Config;
+use crate::error::Refusal;
 use crate::gpu::{self, GpuError};
+use crate::ledger::{Ledger, LedgerError};
+use crate::runtime::RuntimeError;
+use crate::runtime::docker::DockerRuntime;
+use crate::session::manager::{SessionManager, SessionSettings};
 
 /// How long in-flight requests get to finish after a stop signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,6 +32,13 @@ pub enum DaemonError {
     Gpu(#[from] GpuError),
     #[error(transparent)]
     Api(#[from] ApiError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The first reconcile with the engine failed.
+    #[error("cannot reconcile the ledger with the container engine: {0}")]
+    Reconcile(Refusal),
     /// The signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
@@ -44,7 +59,25 @@ impl DaemonError {
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     // Build: every part is opened or bound before anything is served.
     let backend = gpu::open(&config.gpu.source)?;
-    let agent = Arc::new(Agent::start(config.node_id.clone(), backend).await?);
+    let ledger = Ledger::open(&config.state_dir)?;
+    tracing::info!(path = %ledger.path().display(), "ledger open");
+    let runtime = Arc::new(DockerRuntime::connect(&config.docker.socket).await?);
+    let sessions = Arc::new(SessionManager::new(
+        SessionSettings {
+            node_id: config.node_id.clone(),
+            injection: config.docker.device_injection,
+        },
+        ledger,
+        runtime,
+        Arc::new(SystemClock),
+    ));
+    // Adopt what kept running while the agent was away, close what ended.
+    sessions
+        .reconcile(true)
+        .await
+        .map_err(DaemonError::Reconcile)?;
+    let agent =
+        Arc::new(Agent::start(config.node_id.clone(), backend, Arc::clone(&sessions)).await?);
     let api = server::bind(&config.api).await?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -53,6 +86,16 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     api.serve(Arc::clone(&agent), &shutdown, &tasks).await?;
+    tasks.spawn(
+        Arc::clone(&sessions)
+            .follow_events(shutdown.clone())
+            .instrument(tracing::info_span!("engine_events")),
+    );
+    tasks.spawn(
+        Arc::clone(&sessions)
+            .checkpoint_loop(config.checkpoint_interval, shutdown.clone())
+            .instrument(tracing::info_span!("checkpoints")),
+    );
     tracing::info!(node_id = %config.node_id, "gpuwarden is ready");
 
     // Wait for the one stop signal, then drain within a bound.

@@ -21,10 +21,14 @@ pub enum Reason {
     UnknownDevice,
     ForbiddenContainerOption,
     InvalidRequest,
+    /// Not in DESIGN.md's list: a session id this node does not know.
+    UnknownSession,
+    /// Not in DESIGN.md's list: the local Docker engine failed or is down.
+    ContainerEngineUnavailable,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 16] = [
         Self::SessionLimitReached,
         Self::BalanceExhausted,
         Self::NoFreeDevices,
@@ -39,6 +43,8 @@ impl Reason {
         Self::UnknownDevice,
         Self::ForbiddenContainerOption,
         Self::InvalidRequest,
+        Self::UnknownSession,
+        Self::ContainerEngineUnavailable,
     ];
 
     /// The reason as it appears on the wire and in the audit log.
@@ -58,6 +64,8 @@ impl Reason {
             Self::UnknownDevice => "UNKNOWN_DEVICE",
             Self::ForbiddenContainerOption => "FORBIDDEN_CONTAINER_OPTION",
             Self::InvalidRequest => "INVALID_REQUEST",
+            Self::UnknownSession => "UNKNOWN_SESSION",
+            Self::ContainerEngineUnavailable => "CONTAINER_ENGINE_UNAVAILABLE",
         }
     }
 

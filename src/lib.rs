@@ -3,13 +3,19 @@
 //! (`api`), and grows session launch, metering and enforcement from there.
 
 pub mod agent;
+pub mod allocation;
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod gpu;
 pub mod inventory;
+pub mod ledger;
 pub mod logging;
+pub mod metering;
+pub mod runtime;
+pub mod session;
 pub mod toml_file;
 
 /// Generated from `proto/gpuwarden/v1/*.proto`.

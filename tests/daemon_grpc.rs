@@ -30,7 +30,7 @@ async fn get_inventory_over_the_unix_socket_shows_the_simulated_dgx() {
         .unwrap()
         .into_inner();
 
-    assert_eq!(inventory.node_id, "test-node");
+    assert_eq!(inventory.node_id, daemon.node_id);
     assert_eq!(inventory.driver_version, "550.54.15");
     assert_eq!(inventory.cuda_version, "12.4");
     assert_eq!(inventory.backend, "simulated");
@@ -112,7 +112,7 @@ async fn rpcs_not_built_yet_answer_unimplemented() {
     let mut daemon = Daemon::start("sim-h100-pair.toml", "");
     let mut client = daemon.client().await;
     let status = client
-        .launch(proto::LaunchRequest::default())
+        .get_usage(proto::GetUsageRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);

@@ -3,9 +3,15 @@
 
 use std::time::SystemTime;
 
+use crate::clock::UnixNanos;
+use crate::error::{Reason, Refusal};
 use crate::gpu::{BackendKind, DeviceUuid};
 use crate::inventory::{DeviceKind, DeviceView, Health, InventoryView};
 use crate::proto;
+use crate::session::request::{ContainerRequest, LaunchRequest, VolumeRequest};
+use crate::session::{
+    BillingPath, EndReason, Principal, PrincipalKind, Scope, SessionRecord, SessionState,
+};
 
 /// A message that does not describe what it should.
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +166,143 @@ impl TryFrom<proto::Inventory> for InventoryView {
             inventory.draining,
             devices,
         ))
+    }
+}
+
+/// A principal from a request; an unspecified kind is a user.
+pub fn principal(principal: Option<proto::Principal>) -> Result<Option<Principal>, Refusal> {
+    let Some(principal) = principal else {
+        return Ok(None);
+    };
+    let kind = match proto::PrincipalKind::try_from(principal.kind) {
+        Ok(proto::PrincipalKind::Unspecified | proto::PrincipalKind::User) => PrincipalKind::User,
+        Ok(proto::PrincipalKind::ServiceAccount) => PrincipalKind::ServiceAccount,
+        Err(_) => {
+            return Err(Refusal::new(
+                Reason::InvalidRequest,
+                format!("principal.kind {} is not a PrincipalKind", principal.kind),
+            ));
+        }
+    };
+    Ok(Some(Principal {
+        subject: principal.subject,
+        kind,
+    }))
+}
+
+fn scope(value: i32) -> Result<Option<Scope>, Refusal> {
+    match proto::Scope::try_from(value) {
+        Ok(proto::Scope::Unspecified) => Ok(None),
+        Ok(proto::Scope::Personal) => Ok(Some(Scope::Personal)),
+        Ok(proto::Scope::Org) => Ok(Some(Scope::Org)),
+        Err(_) => Err(Refusal::new(
+            Reason::InvalidRequest,
+            format!("scope {value} is not a Scope: use SCOPE_PERSONAL or SCOPE_ORG"),
+        )),
+    }
+}
+
+impl TryFrom<proto::LaunchRequest> for LaunchRequest {
+    type Error = Refusal;
+
+    fn try_from(request: proto::LaunchRequest) -> Result<Self, Refusal> {
+        let devices = request.devices.unwrap_or_default();
+        let container = request.container.unwrap_or_default();
+        Ok(LaunchRequest {
+            request_id: request.request_id,
+            principal: principal(request.principal)?,
+            scope: scope(request.scope)?,
+            org_id: request.org_id,
+            gpu_count: devices.gpu_count,
+            gpu_model: devices.gpu_model,
+            mig_profile: devices.mig_profile,
+            mig_count: devices.mig_count,
+            device_uuids: devices.device_uuids,
+            container: ContainerRequest {
+                image: container.image,
+                command: container.command,
+                env: container.env.into_iter().collect(),
+                volumes: container
+                    .volumes
+                    .into_iter()
+                    .map(|v| VolumeRequest {
+                        name: v.name,
+                        target: v.target,
+                        read_only: v.read_only,
+                    })
+                    .collect(),
+                privileged: container.privileged,
+                network_mode: container.network_mode,
+                pid_mode: container.pid_mode,
+                ipc_mode: container.ipc_mode,
+                cap_add: container.cap_add,
+                devices: container.devices,
+                binds: container.binds,
+            },
+        })
+    }
+}
+
+fn nanos_timestamp(at: Option<UnixNanos>) -> Option<prost_types::Timestamp> {
+    at.map(|t| timestamp(t.to_system_time()))
+}
+
+/// A session as the API shows it; a running session's usage runs to `now`.
+pub fn session(record: &SessionRecord, now: UnixNanos) -> proto::Session {
+    let (device_seconds, gpu_seconds) = record.usage_until(now);
+    let state = match record.state {
+        SessionState::Starting => proto::SessionState::Starting,
+        SessionState::Running => proto::SessionState::Running,
+        SessionState::Stopping => proto::SessionState::Stopping,
+        SessionState::Ended => proto::SessionState::Ended,
+    };
+    let end_reason = match record.end_reason {
+        None => proto::EndReason::Unspecified,
+        Some(EndReason::Stopped) => proto::EndReason::Stopped,
+        Some(EndReason::Exited) => proto::EndReason::Exited,
+        Some(EndReason::Removed) => proto::EndReason::Removed,
+        Some(EndReason::BalanceExhausted) => proto::EndReason::BalanceExhausted,
+        Some(EndReason::ReservationStarted) => proto::EndReason::ReservationStarted,
+        Some(EndReason::GrantDenied) => proto::EndReason::GrantDenied,
+        Some(EndReason::ControlPlaneUnavailable) => proto::EndReason::ControlPlaneUnavailable,
+        Some(EndReason::LaunchFailed) => proto::EndReason::LaunchFailed,
+        Some(EndReason::DeviceLost) => proto::EndReason::DeviceLost,
+    };
+    proto::Session {
+        id: record.id.0.clone(),
+        request_id: record.request_id.clone(),
+        scope: match record.scope {
+            Scope::Personal => proto::Scope::Personal,
+            Scope::Org => proto::Scope::Org,
+        }
+        .into(),
+        account_id: record.account_id.clone(),
+        billed_account_id: record.billed_account_id.clone(),
+        owner: record.owner.subject.clone(),
+        owner_kind: match record.owner.kind {
+            PrincipalKind::User => proto::PrincipalKind::User,
+            PrincipalKind::ServiceAccount => proto::PrincipalKind::ServiceAccount,
+        }
+        .into(),
+        device_uuids: record.devices.iter().map(|d| d.uuid.to_string()).collect(),
+        container_id: record.container_id.clone().unwrap_or_default(),
+        state: state.into(),
+        started_at: nanos_timestamp(record.started_at),
+        ended_at: nanos_timestamp(record.ended_at),
+        device_seconds,
+        gpu_seconds,
+        cost: Some(proto::Credits {
+            nano_credits: record.recorded.cost.0,
+        }),
+        billing_path: match record.billing_path {
+            BillingPath::Balance => proto::BillingPath::Balance,
+            BillingPath::Reservation => proto::BillingPath::Reservation,
+        }
+        .into(),
+        end_reason: end_reason.into(),
+        end_detail: record.end_detail.clone(),
+        node_id: record.node_id.clone(),
+        image: record.image.clone(),
     }
 }
 

@@ -22,8 +22,10 @@ pub fn code_of(reason: Reason) -> Code {
         // scheduler should pick another node or device.
         Reason::DeviceUnhealthy | Reason::NodeDraining => Code::FailedPrecondition,
         // Transient: the same request may succeed here later.
-        Reason::LedgerUnavailable | Reason::ControlPlaneUnavailable => Code::Unavailable,
-        Reason::UnknownAccount | Reason::UnknownDevice => Code::NotFound,
+        Reason::LedgerUnavailable
+        | Reason::ControlPlaneUnavailable
+        | Reason::ContainerEngineUnavailable => Code::Unavailable,
+        Reason::UnknownAccount | Reason::UnknownDevice | Reason::UnknownSession => Code::NotFound,
         Reason::ForbiddenContainerOption | Reason::InvalidRequest => Code::InvalidArgument,
     }
 }
@@ -66,6 +68,8 @@ mod tests {
             ("UNKNOWN_DEVICE", Code::NotFound),
             ("FORBIDDEN_CONTAINER_OPTION", Code::InvalidArgument),
             ("INVALID_REQUEST", Code::InvalidArgument),
+            ("UNKNOWN_SESSION", Code::NotFound),
+            ("CONTAINER_ENGINE_UNAVAILABLE", Code::Unavailable),
         ];
         assert_eq!(expected.len(), Reason::ALL.len());
         for (name, code) in expected {

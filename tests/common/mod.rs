@@ -32,6 +32,9 @@ pub fn gpuwarden(args: &[&str]) -> std::process::Output {
 /// killed when dropped if still running.
 pub struct Daemon {
     pub dir: tempfile::TempDir,
+    /// Unique per daemon: tests share one Docker engine, and each agent
+    /// only looks at the containers labelled with its node id.
+    pub node_id: String,
     pub socket: PathBuf,
     pub config: PathBuf,
     child: Child,
@@ -47,10 +50,11 @@ impl Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("run/gpuwarden.sock");
         let config = dir.path().join("gpuwarden.toml");
+        let node_id = format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         std::fs::write(
             &config,
             format!(
-                "node_id = \"test-node\"\nstate_dir = \"{}\"\n[gpu]\nbackend = \"simulated\"\nfixture = \"{}\"\n[api]\nunix_socket = \"{}\"\n{extra}",
+                "node_id = \"{node_id}\"\nstate_dir = \"{}\"\n[gpu]\nbackend = \"simulated\"\nfixture = \"{}\"\n[docker]\ndevice_injection = \"env\"\n[api]\nunix_socket = \"{}\"\n{extra}",
                 dir.path().join("state").display(),
                 fixture(fixture_name).display(),
                 socket.display(),
@@ -60,6 +64,7 @@ impl Daemon {
         let child = spawn(&config);
         Self {
             dir,
+            node_id,
             socket,
             config,
             child,
@@ -69,8 +74,23 @@ impl Daemon {
     /// Kills the daemon with SIGKILL, as a crash would, and starts a new
     /// one on the same config and state.
     pub async fn kill_and_restart(&mut self) {
+        self.kill9().await;
+        self.restart();
+    }
+
+    /// Kills the daemon with SIGKILL and waits for it to be gone.
+    pub async fn kill9(&mut self) {
         self.signal(Signal::SIGKILL);
         self.wait(Duration::from_secs(15)).await;
+    }
+
+    /// Starts a new daemon on the same config and state; the previous one
+    /// must have exited.
+    pub fn restart(&mut self) {
+        assert!(
+            self.child.try_wait().unwrap().is_some(),
+            "the daemon still runs"
+        );
         self.child = spawn(&self.config);
     }
 
@@ -131,5 +151,46 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        remove_containers(&format!("dev.gpuwarden.node={}", self.node_id));
+    }
+}
+
+/// The image the tests run: busybox imported by the test command.
+pub fn test_image() -> String {
+    std::env::var("GPUWARDEN_TEST_IMAGE").unwrap_or_else(|_| "gpuwarden-test/busybox:latest".into())
+}
+
+/// Runs the docker CLI and returns its trimmed stdout; panics when it fails.
+pub fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("the docker CLI runs");
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Removes every container, running or not, that has `label` (key=value).
+pub fn remove_containers(label: &str) {
+    let Ok(out) = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label={label}")])
+        .output()
+    else {
+        return;
+    };
+    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    if !ids.is_empty() {
+        let _ = Command::new("docker")
+            .arg("rm")
+            .arg("-f")
+            .args(&ids)
+            .output();
     }
 }

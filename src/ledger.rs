@@ -1,0 +1,627 @@
+//! The local, crash-safe ledger: SQLite in WAL mode with synchronous=FULL
+//! under the state directory. It holds sessions, the devices each holds
+//! (a device is held by at most one open session: the `device_holds`
+//! primary key enforces it), and the usage records cut at every checkpoint
+//! and at each session's end: the outbox later delivered to the control
+//! plane. Every change of a session and its usage is one transaction.
+//!
+//! SQLite calls block (an fsync per commit); async code reaches them through
+//! [`Ledger::call`] only, which runs them on tokio's blocking pool.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+
+use crate::clock::UnixNanos;
+use crate::error::{Reason, Refusal};
+use crate::gpu::{AssignableDevice, DeviceUuid, GpuWeight};
+use crate::metering::{self, Credits, MeteredDevice, Rate};
+use crate::session::{
+    BillingPath, EndReason, Principal, PrincipalKind, RecordedUsage, Scope, SessionId,
+    SessionRecord, SessionState,
+};
+
+pub const FILE_NAME: &str = "ledger.db";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The state directory could not be made.
+    #[error("cannot create the state directory {}: {source}", path.display())]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite refused a read or a write (disk full, read-only, corrupt).
+    #[error("ledger {}: {source}", path.display())]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A row holds what this version cannot read.
+    #[error("ledger row is unreadable: {0}")]
+    Corrupt(String),
+    /// The blocking task died.
+    #[error("ledger task failed: {0}")]
+    TaskFailed(String),
+}
+
+impl From<LedgerError> for Refusal {
+    fn from(error: LedgerError) -> Self {
+        Refusal::new(
+            Reason::LedgerUnavailable,
+            format!(
+                "the usage ledger cannot be written, so nothing is launched unmetered: {}; \
+                 the operator must free disk space or fix the state directory",
+                crate::error::chain(&error)
+            ),
+        )
+    }
+}
+
+/// What a session is created with.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub id: SessionId,
+    pub request_id: String,
+    pub node_id: String,
+    pub scope: Scope,
+    pub account_id: String,
+    pub billed_account_id: String,
+    pub owner: Principal,
+    pub image: String,
+    pub billing_path: BillingPath,
+    pub created_at: UnixNanos,
+}
+
+/// The result of [`Ledger::begin_session`].
+#[derive(Debug)]
+pub enum Begun {
+    /// A new session holding its devices, state STARTING.
+    Created(SessionRecord),
+    /// The request id was seen before: its session, untouched.
+    Existing(SessionRecord),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BeginError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+/// Which sessions to list.
+#[derive(Debug, Clone, Default)]
+pub struct SessionFilter {
+    /// Sessions launched under or billed to this account.
+    pub account_id: Option<String>,
+    pub include_ended: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    path: PathBuf,
+    connection: Arc<Mutex<Connection>>,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS sessions (
+    id                TEXT PRIMARY KEY,
+    request_id        TEXT NOT NULL UNIQUE,
+    node_id           TEXT NOT NULL,
+    scope             TEXT NOT NULL,
+    account_id        TEXT NOT NULL,
+    billed_account_id TEXT NOT NULL,
+    owner             TEXT NOT NULL,
+    owner_kind        TEXT NOT NULL,
+    image             TEXT NOT NULL,
+    container_id      TEXT,
+    state             TEXT NOT NULL,
+    billing_path      TEXT NOT NULL,
+    created_at_ns     INTEGER NOT NULL,
+    started_at_ns     INTEGER,
+    ended_at_ns       INTEGER,
+    metered_until_ns  INTEGER,
+    end_reason        TEXT,
+    end_detail        TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS sessions_open ON sessions(state) WHERE state != 'ended';
+CREATE INDEX IF NOT EXISTS sessions_account ON sessions(account_id);
+CREATE TABLE IF NOT EXISTS session_devices (
+    session_id   TEXT NOT NULL REFERENCES sessions(id),
+    position     INTEGER NOT NULL,
+    device_uuid  TEXT NOT NULL,
+    device_class TEXT NOT NULL,
+    weight_slices INTEGER NOT NULL,
+    weight_of    INTEGER NOT NULL,
+    rate_nano    INTEGER NOT NULL,
+    PRIMARY KEY (session_id, device_uuid)
+);
+-- One row per device held by an open session: the primary key is the
+-- guarantee that no device is ever in two sessions.
+CREATE TABLE IF NOT EXISTS device_holds (
+    device_uuid TEXT PRIMARY KEY,
+    session_id  TEXT NOT NULL REFERENCES sessions(id)
+);
+-- The outbox: usage records, each with a stable id; delivered_at_ns is set
+-- once the control plane acknowledged it.
+CREATE TABLE IF NOT EXISTS usage_records (
+    id                TEXT PRIMARY KEY,
+    session_id        TEXT NOT NULL REFERENCES sessions(id),
+    seq               INTEGER NOT NULL,
+    device_uuid       TEXT NOT NULL,
+    device_class      TEXT NOT NULL,
+    period_start_ns   INTEGER NOT NULL,
+    period_end_ns     INTEGER NOT NULL,
+    device_ms         INTEGER NOT NULL,
+    gpu_seconds       REAL NOT NULL,
+    cost_nano         INTEGER NOT NULL,
+    final             INTEGER NOT NULL,
+    delivered_at_ns   INTEGER
+);
+CREATE INDEX IF NOT EXISTS usage_session ON usage_records(session_id);
+CREATE INDEX IF NOT EXISTS usage_undelivered ON usage_records(delivered_at_ns) WHERE delivered_at_ns IS NULL;
+"#;
+
+const SESSION_COLUMNS: &str = "id, request_id, node_id, scope, account_id, billed_account_id, owner, owner_kind, \
+     image, container_id, state, billing_path, created_at_ns, started_at_ns, ended_at_ns, \
+     metered_until_ns, end_reason, end_detail";
+
+impl Ledger {
+    /// Opens (creating when needed) `ledger.db` in `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<Self, LedgerError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| LedgerError::StateDir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let path = state_dir.join(FILE_NAME);
+        let sqlite = |source| LedgerError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let connection = Connection::open(&path).map_err(sqlite)?;
+        connection
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = FULL;
+                 PRAGMA foreign_keys = ON;
+                 PRAGMA busy_timeout = 5000;",
+            )
+            .map_err(sqlite)?;
+        connection.execute_batch(SCHEMA).map_err(sqlite)?;
+        Ok(Self {
+            path,
+            connection: Arc::new(Mutex::new(connection)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `work` on the connection on tokio's blocking pool: the one way
+    /// async code touches SQLite. The connection's lock is taken inside the
+    /// blocking task and never held across an await.
+    async fn call_with<T, E, F>(&self, work: F) -> Result<T, CallError<E>>
+    where
+        T: Send + 'static,
+        E: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, Outcome<E>> + Send + 'static,
+    {
+        let connection = Arc::clone(&self.connection);
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut connection = connection.lock().unwrap_or_else(PoisonError::into_inner);
+            work(&mut connection).map_err(|outcome| match outcome {
+                Outcome::Sqlite(source) => CallError::Ledger(LedgerError::Sqlite { path, source }),
+                Outcome::Corrupt(text) => CallError::Ledger(LedgerError::Corrupt(text)),
+                Outcome::Other(other) => CallError::Other(other),
+            })
+        })
+        .await
+        .map_err(|join| CallError::Ledger(LedgerError::TaskFailed(join.to_string())))?
+    }
+
+    /// In one transaction: returns the session of `new.request_id` if there
+    /// is one; otherwise asks `pick` for devices given those held by open
+    /// sessions, records the session (STARTING) and its holds.
+    pub async fn begin_session<P>(&self, new: NewSession, pick: P) -> Result<Begun, BeginError>
+    where
+        P: FnOnce(&HashSet<DeviceUuid>) -> Result<Vec<(AssignableDevice, Rate)>, Refusal>
+            + Send
+            + 'static,
+    {
+        self.call_with(move |connection| {
+            let tx = connection.transaction()?;
+            if let Some(existing) = session_by(&tx, "request_id", &new.request_id)? {
+                return Ok(Begun::Existing(existing));
+            }
+            let held = held_devices(&tx)?.into_keys().collect();
+            let devices = pick(&held).map_err(Outcome::Other)?;
+            tx.execute(
+                &format!("INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, 'starting', ?10, ?11, NULL, NULL, NULL, NULL, '')"),
+                params![
+                    new.id.0,
+                    new.request_id,
+                    new.node_id,
+                    new.scope.as_str(),
+                    new.account_id,
+                    new.billed_account_id,
+                    new.owner.subject,
+                    new.owner.kind.as_str(),
+                    new.image,
+                    new.billing_path.as_str(),
+                    new.created_at.0,
+                ],
+            )?;
+            for (position, (device, rate)) in devices.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO session_devices (session_id, position, device_uuid, device_class, weight_slices, weight_of, rate_nano)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        new.id.0,
+                        position as i64,
+                        device.uuid.as_str(),
+                        device.class,
+                        device.weight.slices,
+                        device.weight.of,
+                        rate.0.0,
+                    ],
+                )?;
+                tx.execute(
+                    "INSERT INTO device_holds (device_uuid, session_id) VALUES (?1, ?2)",
+                    params![device.uuid.as_str(), new.id.0],
+                )?;
+            }
+            let record = session_by(&tx, "id", &new.id.0)?
+                .ok_or_else(|| Outcome::Corrupt(format!("session {} vanished", new.id)))?;
+            tx.commit()?;
+            Ok(Begun::Created(record))
+        })
+        .await
+        .map_err(|error| match error {
+            CallError::Ledger(error) => BeginError::Ledger(error),
+            CallError::Other(refusal) => BeginError::Refused(refusal),
+        })
+    }
+
+    /// The container started at Docker's `started_at`: metering begins there.
+    pub async fn mark_running(
+        &self,
+        id: &SessionId,
+        container_id: &str,
+        started_at: UnixNanos,
+    ) -> Result<SessionRecord, LedgerError> {
+        let (id, container_id) = (id.0.clone(), container_id.to_owned());
+        self.transaction(move |tx| {
+            tx.execute(
+                "UPDATE sessions SET state = 'running', container_id = ?2, started_at_ns = ?3, metered_until_ns = ?3
+                 WHERE id = ?1 AND state = 'starting'",
+                params![id, container_id, started_at.0],
+            )?;
+            require(session_by(tx, "id", &id)?, &id)
+        })
+        .await
+    }
+
+    pub async fn mark_stopping(&self, id: &SessionId) -> Result<(), LedgerError> {
+        let id = id.0.clone();
+        self.transaction(move |tx| {
+            tx.execute(
+                "UPDATE sessions SET state = 'stopping' WHERE id = ?1 AND state = 'running'",
+                params![id],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Cuts usage records of an open, started session up to `until` (a
+    /// checkpoint). Returns how many records were written.
+    pub async fn checkpoint(&self, id: &SessionId, until: UnixNanos) -> Result<usize, LedgerError> {
+        let id = id.0.clone();
+        self.transaction(move |tx| {
+            let Some(session) = session_by(tx, "id", &id)? else {
+                return Ok(0);
+            };
+            if !matches!(
+                session.state,
+                SessionState::Running | SessionState::Stopping
+            ) {
+                return Ok(0);
+            }
+            match session.metered_until {
+                Some(from) if until.millis() > from.millis() => {
+                    write_cut(tx, &session, from, until, false)
+                }
+                _ => Ok(0),
+            }
+        })
+        .await
+    }
+
+    /// Ends a session: the last usage records up to `ended_at` (when it ever
+    /// started), state ENDED, devices released; all in one transaction.
+    /// Ending an ended session changes nothing and returns `None`.
+    pub async fn close(
+        &self,
+        id: &SessionId,
+        ended_at: Option<UnixNanos>,
+        reason: EndReason,
+        detail: String,
+    ) -> Result<Option<SessionRecord>, LedgerError> {
+        let id = id.0.clone();
+        self.transaction(move |tx| {
+            let Some(session) = session_by(tx, "id", &id)? else {
+                return Ok(None);
+            };
+            if !session.is_open() {
+                return Ok(None);
+            }
+            // A session never started bills nothing; one that did is billed
+            // to its end, and never before the last checkpoint.
+            let ended_at = match (session.metered_until, ended_at) {
+                (Some(from), Some(end)) => {
+                    let end = end.max(from);
+                    write_cut(tx, &session, from, end, true)?;
+                    Some(end)
+                }
+                (Some(from), None) => {
+                    write_cut(tx, &session, from, from, true)?;
+                    Some(from)
+                }
+                (None, _) => None,
+            };
+            tx.execute(
+                "UPDATE sessions SET state = 'ended', ended_at_ns = ?2, end_reason = ?3, end_detail = ?4 WHERE id = ?1",
+                params![id, ended_at.map(|t| t.0), reason.as_str(), detail],
+            )?;
+            tx.execute("DELETE FROM device_holds WHERE session_id = ?1", params![id])?;
+            session_by(tx, "id", &id)
+        })
+        .await
+    }
+
+    pub async fn get(&self, id: &SessionId) -> Result<Option<SessionRecord>, LedgerError> {
+        let id = id.0.clone();
+        self.transaction(move |tx| session_by(tx, "id", &id)).await
+    }
+
+    pub async fn list(&self, filter: SessionFilter) -> Result<Vec<SessionRecord>, LedgerError> {
+        self.transaction(move |tx| {
+            let mut sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE 1 = 1");
+            if !filter.include_ended {
+                sql.push_str(" AND state != 'ended'");
+            }
+            if filter.account_id.is_some() {
+                sql.push_str(" AND (account_id = ?1 OR billed_account_id = ?1)");
+            }
+            sql.push_str(" ORDER BY created_at_ns, id");
+            let mut statement = tx.prepare(&sql)?;
+            let rows = match &filter.account_id {
+                Some(account) => statement.query_map(params![account], read_session)?,
+                None => statement.query_map([], read_session)?,
+            };
+            let sessions = rows.collect::<Result<Vec<_>, _>>()?;
+            drop(statement);
+            sessions
+                .into_iter()
+                .map(|session| complete(tx, session))
+                .collect()
+        })
+        .await
+    }
+
+    /// Devices held by open sessions.
+    pub async fn holds(&self) -> Result<HashMap<DeviceUuid, SessionId>, LedgerError> {
+        self.transaction(held_devices).await
+    }
+
+    /// Runs `work` in one transaction, committed when it returns `Ok`.
+    async fn transaction<T, F>(&self, work: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T, Outcome<std::convert::Infallible>>
+            + Send
+            + 'static,
+    {
+        self.call_with(move |connection| {
+            let tx = connection.transaction()?;
+            let value = work(&tx)?;
+            tx.commit()?;
+            Ok(value)
+        })
+        .await
+        .map_err(|error| match error {
+            CallError::Ledger(error) => error,
+            CallError::Other(never) => match never {},
+        })
+    }
+}
+
+/// How work inside a blocking ledger call fails.
+#[derive(Debug)]
+enum Outcome<E> {
+    Sqlite(rusqlite::Error),
+    Corrupt(String),
+    Other(E),
+}
+
+impl<E> From<rusqlite::Error> for Outcome<E> {
+    fn from(error: rusqlite::Error) -> Self {
+        Self::Sqlite(error)
+    }
+}
+
+#[derive(Debug)]
+enum CallError<E> {
+    Ledger(LedgerError),
+    Other(E),
+}
+
+fn require<E>(session: Option<SessionRecord>, id: &str) -> Result<SessionRecord, Outcome<E>> {
+    session.ok_or_else(|| Outcome::Corrupt(format!("session {id} is not in the ledger")))
+}
+
+/// Writes one usage record per device of `session` for `from..to`, advances
+/// its metering mark; `last` marks the session's final records.
+fn write_cut<E>(
+    tx: &Transaction<'_>,
+    session: &SessionRecord,
+    from: UnixNanos,
+    to: UnixNanos,
+    last: bool,
+) -> Result<usize, Outcome<E>> {
+    let seq: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(seq), 0) + 1 FROM usage_records WHERE session_id = ?1",
+        params![session.id.0],
+        |row| row.get(0),
+    )?;
+    let cuts = metering::cut(&session.devices, from, to);
+    for cut in &cuts {
+        tx.execute(
+            "INSERT INTO usage_records (id, session_id, seq, device_uuid, device_class, period_start_ns,
+                 period_end_ns, device_ms, gpu_seconds, cost_nano, final, delivered_at_ns)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, NULL)",
+            params![
+                format!("{}/{seq}/{}", session.id, cut.device_uuid),
+                session.id.0,
+                seq,
+                cut.device_uuid.as_str(),
+                cut.device_class,
+                cut.period_start.0,
+                cut.period_end.0,
+                cut.device_ms,
+                cut.gpu_seconds,
+                cut.cost.0,
+                last,
+            ],
+        )?;
+    }
+    tx.execute(
+        "UPDATE sessions SET metered_until_ns = ?2 WHERE id = ?1",
+        params![session.id.0, to.0],
+    )?;
+    Ok(cuts.len())
+}
+
+fn held_devices<E>(tx: &Transaction<'_>) -> Result<HashMap<DeviceUuid, SessionId>, Outcome<E>> {
+    let mut statement = tx.prepare("SELECT device_uuid, session_id FROM device_holds")?;
+    let holds = statement
+        .query_map([], |row| {
+            Ok((
+                DeviceUuid::new(row.get::<_, String>(0)?),
+                SessionId(row.get(1)?),
+            ))
+        })?
+        .collect::<Result<HashMap<_, _>, _>>()?;
+    Ok(holds)
+}
+
+fn session_by<E>(
+    tx: &Transaction<'_>,
+    column: &'static str,
+    value: &str,
+) -> Result<Option<SessionRecord>, Outcome<E>> {
+    let session = tx
+        .query_row(
+            &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE {column} = ?1"),
+            params![value],
+            read_session,
+        )
+        .optional()?;
+    session.map(|session| complete(tx, session)).transpose()
+}
+
+/// A session row as read, before its devices and usage sums are added; an
+/// unreadable row is an error text rather than a failed query.
+type PartialSession = Result<SessionRecord, String>;
+
+fn parsed<T>(what: &str, text: &str, parse: fn(&str) -> Option<T>) -> Result<T, String> {
+    parse(text).ok_or_else(|| format!("unknown {what} `{text}`"))
+}
+
+fn read_session(row: &Row<'_>) -> rusqlite::Result<PartialSession> {
+    let (scope, kind, state, path): (String, String, String, String) =
+        (row.get(3)?, row.get(7)?, row.get(10)?, row.get(11)?);
+    let end_reason: Option<String> = row.get(16)?;
+    let nanos = |i: usize| row.get::<_, Option<i64>>(i).map(|v| v.map(UnixNanos));
+    let (started_at, ended_at, metered_until) = (nanos(13)?, nanos(14)?, nanos(15)?);
+    let (id, request_id, node_id, account_id, billed_account_id, subject, image) = (
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(4)?,
+        row.get(5)?,
+        row.get(6)?,
+        row.get(8)?,
+    );
+    let (container_id, created_at, end_detail) = (row.get(9)?, row.get(12)?, row.get(17)?);
+    Ok((|| {
+        Ok(SessionRecord {
+            id: SessionId(id),
+            request_id,
+            node_id,
+            scope: parsed("scope", &scope, Scope::parse)?,
+            account_id,
+            billed_account_id,
+            owner: Principal {
+                subject,
+                kind: parsed("owner kind", &kind, PrincipalKind::parse)?,
+            },
+            image,
+            container_id,
+            state: parsed("state", &state, SessionState::parse)?,
+            billing_path: parsed("billing path", &path, BillingPath::parse)?,
+            created_at: UnixNanos(created_at),
+            started_at,
+            ended_at,
+            metered_until,
+            end_reason: end_reason
+                .map(|reason| parsed("end reason", &reason, EndReason::parse))
+                .transpose()?,
+            end_detail,
+            devices: Vec::new(),
+            recorded: RecordedUsage::default(),
+        })
+    })())
+}
+
+/// Adds a session's devices and the sums of its usage records.
+fn complete<E>(tx: &Transaction<'_>, session: PartialSession) -> Result<SessionRecord, Outcome<E>> {
+    let mut session = session.map_err(Outcome::Corrupt)?;
+    let mut statement = tx.prepare_cached(
+        "SELECT device_uuid, device_class, weight_slices, weight_of, rate_nano
+         FROM session_devices WHERE session_id = ?1 ORDER BY position",
+    )?;
+    session.devices = statement
+        .query_map(params![session.id.0], |row| {
+            Ok(MeteredDevice {
+                uuid: DeviceUuid::new(row.get::<_, String>(0)?),
+                class: row.get(1)?,
+                weight: GpuWeight {
+                    slices: row.get(2)?,
+                    of: row.get(3)?,
+                },
+                rate: Rate(Credits(row.get(4)?)),
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    session.recorded = tx.query_row(
+        "SELECT COALESCE(SUM(device_ms), 0), COALESCE(SUM(gpu_seconds), 0.0), COALESCE(SUM(cost_nano), 0)
+         FROM usage_records WHERE session_id = ?1",
+        params![session.id.0],
+        |row| {
+            Ok(RecordedUsage {
+                device_ms: row.get(0)?,
+                gpu_seconds: row.get(1)?,
+                cost: Credits(row.get(2)?),
+            })
+        },
+    )?;
+    Ok(session)
+}

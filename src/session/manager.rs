@@ -1,0 +1,1069 @@
+//! Where sessions live and die: launch (reserve devices in the ledger, then
+//! create and start the container), stop, Docker's events, and the
+//! reconcile pass that runs at start-up and at every checkpoint. The
+//! reconcile is the one place the ledger is brought in line with what the
+//! engine says: it adopts running containers, closes the ones that finished
+//! or vanished at Docker's own times, cuts checkpoint usage, and reports
+//! containers it does not know.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+use super::request::LaunchPlan;
+use super::{Caller, EndReason, SessionId, SessionRecord, SessionState};
+use crate::allocation::{self, Unavailable};
+use crate::clock::{Clock, UnixNanos};
+use crate::config::DeviceInjection;
+use crate::error::{Reason, Refusal};
+use crate::gpu::{AssignableDevice, DeviceUuid};
+use crate::ledger::{BeginError, Begun, Ledger, NewSession, SessionFilter};
+use crate::metering::Rate;
+use crate::runtime::{
+    ContainerEvent, ContainerEventKind, ContainerId, ContainerRuntime, ContainerSpec,
+    ContainerState, DeviceRequest, RuntimeError, VolumeMount, labels,
+};
+use crate::session::BillingPath;
+
+/// Grace between SIGTERM and SIGKILL when a stop names none.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// A STARTING session younger than this may still be in its launch; the
+/// periodic reconcile leaves it alone.
+const LAUNCH_WINDOW: Duration = Duration::from_secs(120);
+/// Processes a session's container may have.
+const PIDS_LIMIT: i64 = 4096;
+
+/// Where the session manager's collaborators and settings come from.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    pub node_id: String,
+    pub injection: DeviceInjection,
+}
+
+#[derive(Debug)]
+pub struct SessionManager {
+    settings: SessionSettings,
+    ledger: Ledger,
+    runtime: Arc<dyn ContainerRuntime>,
+    clock: Arc<dyn Clock>,
+    draining: AtomicBool,
+    /// Devices claimed by running containers with our labels that the
+    /// ledger does not know: never handed out while they run.
+    foreign: Mutex<HashMap<DeviceUuid, ContainerId>>,
+}
+
+fn engine(error: RuntimeError) -> Refusal {
+    match error {
+        RuntimeError::NoSuchImage(image) => Refusal::new(
+            Reason::InvalidRequest,
+            format!("image `{image}` is not present on this node; load it first or pick another"),
+        ),
+        other => Refusal::new(
+            Reason::ContainerEngineUnavailable,
+            format!(
+                "the container engine failed: {}",
+                crate::error::chain(&other)
+            ),
+        ),
+    }
+}
+
+impl SessionManager {
+    pub fn new(
+        settings: SessionSettings,
+        ledger: Ledger,
+        runtime: Arc<dyn ContainerRuntime>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            settings,
+            ledger,
+            runtime,
+            clock,
+            draining: AtomicBool::new(false),
+            foreign: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    pub fn now(&self) -> UnixNanos {
+        self.clock.now()
+    }
+
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Devices held by sessions or claimed by unknown containers.
+    pub async fn busy_devices(&self) -> Result<HashMap<DeviceUuid, String>, Refusal> {
+        let mut busy: HashMap<DeviceUuid, String> = self
+            .ledger
+            .holds()
+            .await?
+            .into_iter()
+            .map(|(device, session)| (device, session.0))
+            .collect();
+        for (device, container) in self.foreign_devices() {
+            busy.entry(device)
+                .or_insert(format!("unknown container {container}"));
+        }
+        Ok(busy)
+    }
+
+    fn foreign_devices(&self) -> HashMap<DeviceUuid, ContainerId> {
+        self.foreign
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Starts a session: reserves devices among `devices` (those in
+    /// `unhealthy` excluded) and records the session in one ledger
+    /// transaction, then creates and starts its container. A repeated
+    /// request id returns the first session. Anything failing after the
+    /// reservation removes the container and releases the devices.
+    pub async fn launch(
+        &self,
+        plan: LaunchPlan,
+        devices: Vec<AssignableDevice>,
+        unhealthy: Vec<DeviceUuid>,
+    ) -> Result<SessionRecord, Refusal> {
+        if self.is_draining() {
+            return Err(Refusal::new(
+                Reason::NodeDraining,
+                "this node is draining and takes no new sessions; launch on another node",
+            ));
+        }
+        let mut unavailable: HashMap<DeviceUuid, Unavailable> = unhealthy
+            .into_iter()
+            .map(|uuid| (uuid, Unavailable::Unhealthy))
+            .collect();
+        for device in self.foreign_devices().into_keys() {
+            unavailable.entry(device).or_insert(Unavailable::Foreign);
+        }
+        let new = NewSession {
+            id: SessionId::generate(),
+            request_id: plan.request_id.clone(),
+            node_id: self.settings.node_id.clone(),
+            scope: plan.scope,
+            account_id: plan.account_id.clone(),
+            billed_account_id: plan.account_id.clone(),
+            owner: plan.principal.clone(),
+            image: plan.image.clone(),
+            billing_path: BillingPath::Balance,
+            created_at: self.clock.now(),
+        };
+        let selector = plan.devices.clone();
+        let begun = self
+            .ledger
+            .begin_session(new, move |held| {
+                for device in held {
+                    unavailable.insert(device.clone(), Unavailable::Held);
+                }
+                let picked = allocation::pick(&devices, &unavailable, &selector)?;
+                Ok(picked.into_iter().map(|d| (d, Rate::default())).collect())
+            })
+            .await;
+        let session = match begun {
+            Ok(Begun::Existing(session)) => {
+                tracing::info!(session = %session.id, request_id = %session.request_id, "repeated launch request: returning its session");
+                return Ok(session);
+            }
+            Ok(Begun::Created(session)) => session,
+            Err(BeginError::Refused(refusal)) => return Err(refusal),
+            Err(BeginError::Ledger(error)) => return Err(error.into()),
+        };
+
+        let mut created = None;
+        match self.start_container(&session, &plan, &mut created).await {
+            Ok(running) => {
+                tracing::info!(
+                    session = %running.id,
+                    account = %running.account_id,
+                    devices = %device_list(&running),
+                    container = running.container_id.as_deref().unwrap_or(""),
+                    "session started"
+                );
+                Ok(running)
+            }
+            Err(refusal) => {
+                tracing::warn!(session = %session.id, reason = %refusal, "launch failed; releasing its devices");
+                if let Some(id) = created
+                    && let Err(error) = self.runtime.remove(&id).await
+                {
+                    tracing::error!(session = %session.id, container = %id, error = %error, "could not remove the container of a failed launch; the next reconcile retries");
+                }
+                if let Err(error) = self
+                    .ledger
+                    .close(
+                        &session.id,
+                        None,
+                        EndReason::LaunchFailed,
+                        refusal.message.clone(),
+                    )
+                    .await
+                {
+                    tracing::error!(session = %session.id, error = %error, "could not record the failed launch; the next reconcile closes it");
+                }
+                Err(refusal)
+            }
+        }
+    }
+
+    async fn start_container(
+        &self,
+        session: &SessionRecord,
+        plan: &LaunchPlan,
+        created: &mut Option<ContainerId>,
+    ) -> Result<SessionRecord, Refusal> {
+        let spec = self.container_spec(session, plan);
+        for volume in &spec.volumes {
+            let owner =
+                BTreeMap::from([(labels::VOLUME_OWNER.to_owned(), session.account_id.clone())]);
+            self.runtime
+                .ensure_volume(&volume.volume, &owner)
+                .await
+                .map_err(engine)?;
+        }
+        let id = self.runtime.create(&spec).await.map_err(engine)?;
+        *created = Some(id.clone());
+        self.runtime.start(&id).await.map_err(engine)?;
+        let state = self
+            .runtime
+            .inspect(&id)
+            .await
+            .map_err(engine)?
+            .ok_or_else(|| engine(RuntimeError::NoSuchContainer(id.0.clone())))?;
+        let started_at = state.started_at.ok_or_else(|| {
+            engine(RuntimeError::Engine {
+                call: "inspect",
+                detail: format!("container {id} reports no StartedAt after its start"),
+            })
+        })?;
+        let running = self
+            .ledger
+            .mark_running(&session.id, &id.0, started_at)
+            .await?;
+        if state.running {
+            return Ok(running);
+        }
+        // It already exited: it ran from StartedAt to FinishedAt, billed so.
+        Ok(self
+            .ledger
+            .close(
+                &session.id,
+                state.finished_at,
+                EndReason::Exited,
+                exit_detail(&state),
+            )
+            .await?
+            .unwrap_or(running))
+    }
+
+    /// The container a plan asks for, with the session's devices and labels.
+    fn container_spec(&self, session: &SessionRecord, plan: &LaunchPlan) -> ContainerSpec {
+        let uuids: Vec<String> = session.devices.iter().map(|d| d.uuid.to_string()).collect();
+        let visible = uuids.join(",");
+        let mut env = plan.env.clone();
+        env.insert("NVIDIA_VISIBLE_DEVICES".into(), visible.clone());
+        env.insert("CUDA_VISIBLE_DEVICES".into(), visible.clone());
+        let devices = match self.settings.injection {
+            DeviceInjection::Env => DeviceRequest::None,
+            DeviceInjection::Nvidia => DeviceRequest::Devices {
+                driver: "nvidia".into(),
+                device_ids: uuids.clone(),
+                capabilities: vec!["gpu".into()],
+            },
+            DeviceInjection::Cdi => DeviceRequest::Devices {
+                driver: "cdi".into(),
+                device_ids: uuids
+                    .iter()
+                    .map(|u| format!("nvidia.com/gpu={u}"))
+                    .collect(),
+                capabilities: Vec::new(),
+            },
+        };
+        let labels = BTreeMap::from([
+            (labels::SESSION.to_owned(), session.id.0.clone()),
+            (labels::NODE.to_owned(), self.settings.node_id.clone()),
+            (labels::ACCOUNT.to_owned(), session.account_id.clone()),
+            (
+                labels::BILLED_ACCOUNT.to_owned(),
+                session.billed_account_id.clone(),
+            ),
+            (labels::SCOPE.to_owned(), session.scope.as_str().to_owned()),
+            (labels::OWNER.to_owned(), session.owner.subject.clone()),
+            (labels::DEVICES.to_owned(), visible),
+        ]);
+        ContainerSpec {
+            name: format!("gpuwarden-{}", session.id),
+            image: plan.image.clone(),
+            command: plan.command.clone(),
+            env,
+            labels,
+            volumes: plan
+                .volumes
+                .iter()
+                .map(|v| VolumeMount {
+                    volume: volume_name(&session.account_id, &v.name),
+                    target: v.target.clone(),
+                    read_only: v.read_only,
+                })
+                .collect(),
+            devices,
+            network: plan.network,
+            pids_limit: PIDS_LIMIT,
+        }
+    }
+
+    pub async fn get(&self, caller: &Caller, id: &SessionId) -> Result<SessionRecord, Refusal> {
+        let session = self
+            .ledger
+            .get(id)
+            .await?
+            .ok_or_else(|| unknown_session(id))?;
+        authorize(caller, &session)?;
+        Ok(session)
+    }
+
+    /// Sessions the caller may see: all for the operator, its own otherwise.
+    pub async fn list(
+        &self,
+        caller: &Caller,
+        account_id: Option<String>,
+        include_ended: bool,
+    ) -> Result<Vec<SessionRecord>, Refusal> {
+        let sessions = self
+            .ledger
+            .list(SessionFilter {
+                account_id,
+                include_ended,
+            })
+            .await?;
+        Ok(sessions
+            .into_iter()
+            .filter(|session| authorize(caller, session).is_ok())
+            .collect())
+    }
+
+    /// Stops a session's container (SIGTERM, SIGKILL after `grace`) and
+    /// closes it at Docker's FinishedAt. Stopping an ended session returns it.
+    pub async fn stop(
+        &self,
+        caller: &Caller,
+        id: &SessionId,
+        grace: Duration,
+    ) -> Result<SessionRecord, Refusal> {
+        let session = self.get(caller, id).await?;
+        match session.state {
+            SessionState::Ended => return Ok(session),
+            SessionState::Starting => {
+                return Err(Refusal::new(
+                    Reason::InvalidRequest,
+                    format!("session {id} is still starting; stop it once Launch has answered"),
+                ));
+            }
+            SessionState::Running | SessionState::Stopping => {}
+        }
+        self.ledger.mark_stopping(id).await?;
+        let mut finished_at = None;
+        let mut detail = format!("stopped by {}", who(caller));
+        if let Some(container) = session.container_id.clone().map(ContainerId) {
+            self.runtime
+                .stop(&container, grace)
+                .await
+                .or_else(|error| match error {
+                    RuntimeError::NoSuchContainer(_) => Ok(()),
+                    other => Err(engine(other)),
+                })?;
+            if let Some(state) = self.runtime.inspect(&container).await.map_err(engine)? {
+                finished_at = state.finished_at;
+                detail = format!("{detail}; {}", exit_detail(&state));
+            }
+        }
+        let closed = self
+            .ledger
+            .close(id, finished_at, EndReason::Stopped, detail)
+            .await?;
+        match closed {
+            Some(session) => {
+                tracing::info!(session = %session.id, by = %who(caller), "session stopped");
+                Ok(session)
+            }
+            // Docker's die event closed it meanwhile.
+            None => self
+                .ledger
+                .get(id)
+                .await?
+                .ok_or_else(|| unknown_session(id)),
+        }
+    }
+
+    /// Acts on one engine event of a container of this node.
+    pub async fn on_event(&self, event: ContainerEvent) {
+        let Some(id) = event.labels.get(labels::SESSION).cloned().map(SessionId) else {
+            return;
+        };
+        let result = match event.kind {
+            ContainerEventKind::Start => Ok(()),
+            ContainerEventKind::Die => self.on_exit(&id, &event).await,
+            ContainerEventKind::Destroy => {
+                self.close_if_started(
+                    &id,
+                    Some(event.at),
+                    EndReason::Removed,
+                    "container removed".into(),
+                )
+                .await
+            }
+        };
+        if let Err(error) = result {
+            tracing::error!(session = %id, event = ?event.kind, error = %error, "could not record a container event; the next reconcile retries");
+        }
+    }
+
+    async fn on_exit(&self, id: &SessionId, event: &ContainerEvent) -> Result<(), Refusal> {
+        let state = self.runtime.inspect(&event.id).await.map_err(engine)?;
+        let finished_at = state
+            .as_ref()
+            .and_then(|s| s.finished_at)
+            .or(Some(event.at));
+        let detail = state.as_ref().map(exit_detail).unwrap_or_default();
+        self.close_if_started(id, finished_at, EndReason::Exited, detail)
+            .await
+    }
+
+    /// Closes a running (or stopping) session; STARTING ones belong to their
+    /// launch, ended ones stay as they are.
+    async fn close_if_started(
+        &self,
+        id: &SessionId,
+        at: Option<UnixNanos>,
+        reason: EndReason,
+        detail: String,
+    ) -> Result<(), Refusal> {
+        let Some(session) = self.ledger.get(id).await? else {
+            return Ok(());
+        };
+        let reason = match (session.state, reason) {
+            (SessionState::Running, reason) => reason,
+            // A die during a stop is the stop's.
+            (SessionState::Stopping, _) => EndReason::Stopped,
+            (SessionState::Starting | SessionState::Ended, _) => return Ok(()),
+        };
+        if let Some(closed) = self.ledger.close(id, at, reason, detail).await? {
+            tracing::info!(session = %closed.id, reason = %reason, ended_at = ?closed.ended_at.map(|t| t.to_string()), "session ended");
+        }
+        Ok(())
+    }
+
+    /// Brings the ledger in line with the engine. `at_start`: no launch is
+    /// in flight, so STARTING sessions are settled too.
+    pub async fn reconcile(&self, at_start: bool) -> Result<(), Refusal> {
+        let containers = self
+            .runtime
+            .list_labelled(labels::NODE, &self.settings.node_id)
+            .await
+            .map_err(engine)?;
+        let mut by_session: HashMap<String, ContainerState> = HashMap::new();
+        for container in containers {
+            if let Some(session) = container.labels.get(labels::SESSION) {
+                by_session.insert(session.clone(), container);
+            }
+        }
+        let open = self
+            .ledger
+            .list(SessionFilter {
+                account_id: None,
+                include_ended: false,
+            })
+            .await?;
+        for session in open {
+            // Taken before asking the engine: a container that answers
+            // "running" was running at this instant too.
+            let now = self.clock.now();
+            let container = match &session.container_id {
+                Some(id) => self
+                    .runtime
+                    .inspect(&ContainerId(id.clone()))
+                    .await
+                    .map_err(engine)?,
+                None => by_session.get(&session.id.0).cloned(),
+            };
+            self.settle(&session, container, now, at_start).await?;
+            by_session.remove(&session.id.0);
+        }
+        self.report_unknown(by_session.into_values().collect())
+            .await
+    }
+
+    async fn settle(
+        &self,
+        session: &SessionRecord,
+        container: Option<ContainerState>,
+        now: UnixNanos,
+        at_start: bool,
+    ) -> Result<(), Refusal> {
+        let id = &session.id;
+        if session.state == SessionState::Starting {
+            let young =
+                now.0.saturating_sub(session.created_at.0) < LAUNCH_WINDOW.as_nanos() as i64;
+            if young && !at_start {
+                return Ok(());
+            }
+            return match container {
+                Some(state) if state.running && state.started_at.is_some() => {
+                    let started_at = state.started_at.unwrap_or(now);
+                    self.ledger
+                        .mark_running(id, &state.id.0, started_at)
+                        .await?;
+                    tracing::info!(session = %id, container = %state.id, "adopted a container whose launch was cut short");
+                    Ok(())
+                }
+                Some(state) => {
+                    // Created (and maybe started and finished) by a launch
+                    // that never recorded it: bill what Docker says it ran.
+                    if let Some(started_at) = state.started_at {
+                        self.ledger
+                            .mark_running(id, &state.id.0, started_at)
+                            .await?;
+                        self.ledger
+                            .close(
+                                id,
+                                state.finished_at,
+                                EndReason::Exited,
+                                exit_detail(&state),
+                            )
+                            .await?;
+                    } else {
+                        self.runtime.remove(&state.id).await.map_err(engine)?;
+                        self.ledger
+                            .close(
+                                id,
+                                None,
+                                EndReason::LaunchFailed,
+                                "launch interrupted".into(),
+                            )
+                            .await?;
+                    }
+                    Ok(())
+                }
+                None => {
+                    self.ledger
+                        .close(
+                            id,
+                            None,
+                            EndReason::LaunchFailed,
+                            "launch interrupted before a container existed".into(),
+                        )
+                        .await?;
+                    Ok(())
+                }
+            };
+        }
+        match container {
+            Some(state) if state.running => {
+                self.ledger.checkpoint(id, now).await?;
+                if at_start {
+                    tracing::info!(session = %id, container = %state.id, "adopted a running container");
+                }
+            }
+            Some(state) => {
+                let reason = if session.state == SessionState::Stopping {
+                    EndReason::Stopped
+                } else {
+                    EndReason::Exited
+                };
+                self.ledger
+                    .close(id, state.finished_at, reason, exit_detail(&state))
+                    .await?;
+                tracing::info!(session = %id, reason = %reason, "closed a session whose container finished");
+            }
+            None => {
+                // Gone without a trace: billed up to the last instant it was
+                // known to run (its last checkpoint), not a second more.
+                self.ledger
+                    .close(id, None, EndReason::Removed, "container vanished".into())
+                    .await?;
+                tracing::warn!(session = %id, "closed a session whose container vanished");
+            }
+        }
+        Ok(())
+    }
+
+    /// Containers with our node's labels that the ledger has no open
+    /// session for: never billed or killed, reported, and their devices
+    /// kept from other sessions while they run.
+    async fn report_unknown(&self, containers: Vec<ContainerState>) -> Result<(), Refusal> {
+        let mut foreign = HashMap::new();
+        for container in containers.into_iter().filter(|c| c.running) {
+            let known = match container.labels.get(labels::SESSION) {
+                Some(session) => self
+                    .ledger
+                    .get(&SessionId(session.clone()))
+                    .await?
+                    .is_some(),
+                None => false,
+            };
+            tracing::warn!(
+                container = %container.id,
+                name = %container.name,
+                session = container.labels.get(labels::SESSION).map(String::as_str).unwrap_or(""),
+                known_but_ended = known,
+                devices = container.labels.get(labels::DEVICES).map(String::as_str).unwrap_or(""),
+                "a running container with gpuwarden labels has no open session here: not billed, not stopped; its devices are withheld"
+            );
+            for device in container
+                .labels
+                .get(labels::DEVICES)
+                .map(String::as_str)
+                .unwrap_or("")
+                .split(',')
+                .filter(|d| !d.is_empty())
+            {
+                foreign.insert(DeviceUuid::new(device), container.id.clone());
+            }
+        }
+        *self.foreign.lock().unwrap_or_else(PoisonError::into_inner) = foreign;
+        Ok(())
+    }
+
+    /// Follows the engine's events until `shutdown`, re-subscribing with
+    /// backoff when the stream breaks and reconciling after each
+    /// (re)subscription so nothing missed meanwhile is lost.
+    pub async fn follow_events(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let mut events = self.runtime.events(labels::NODE, &self.settings.node_id);
+            if let Err(refusal) = self.reconcile(false).await {
+                tracing::warn!(error = %refusal, "reconcile after subscribing to engine events failed");
+            } else {
+                backoff = Duration::from_millis(500);
+            }
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    event = events.next() => match event {
+                        Some(Ok(event)) => self.on_event(event).await,
+                        Some(Err(error)) => {
+                            tracing::warn!(error = %error, "engine event stream failed; resubscribing");
+                            break;
+                        }
+                        None => {
+                            tracing::warn!("engine event stream ended; resubscribing");
+                            break;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// Reconciles (and so cuts checkpoint usage) every `interval` until
+    /// `shutdown`.
+    pub async fn checkpoint_loop(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticks.tick() => {
+                    if let Err(refusal) = self.reconcile(false).await {
+                        tracing::warn!(error = %refusal, "checkpoint failed; usage stays measured from Docker's times and is cut at the next one");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Docker volume of an account: the account id namespaces the request's
+/// name, so no account can name another's volume.
+pub fn volume_name(account_id: &str, name: &str) -> String {
+    format!("gpuwarden.{account_id}.{name}")
+}
+
+fn device_list(session: &SessionRecord) -> String {
+    session
+        .devices
+        .iter()
+        .map(|d| d.uuid.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn exit_detail(state: &ContainerState) -> String {
+    match state.exit_code {
+        Some(code) => format!("exit code {code}"),
+        None => String::new(),
+    }
+}
+
+fn who(caller: &Caller) -> String {
+    match (&caller.principal, caller.operator) {
+        (Some(principal), _) => principal.subject.clone(),
+        (None, true) => "operator".into(),
+        (None, false) => "anonymous".into(),
+    }
+}
+
+fn unknown_session(id: &SessionId) -> Refusal {
+    Refusal::new(
+        Reason::UnknownSession,
+        format!("no session {id} on this node; ListSessions shows the ones there are"),
+    )
+}
+
+/// Until accounts and roles arrive with the policy, a session belongs to
+/// its owner and to the local operator.
+fn authorize(caller: &Caller, session: &SessionRecord) -> Result<(), Refusal> {
+    if caller.operator {
+        return Ok(());
+    }
+    match &caller.principal {
+        Some(principal) if principal.subject == session.owner.subject => Ok(()),
+        _ => Err(Refusal::new(
+            Reason::RoleForbidden,
+            format!("session {} is not yours to see or stop", session.id),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::simulated::load_fixture;
+    use crate::runtime::fake::{FakeCall, FakeCallKind, FakeRuntime};
+    use crate::session::request::{ContainerRequest, LaunchRequest};
+    use crate::session::{Principal, PrincipalKind, Scope};
+    use std::path::Path;
+
+    /// The manager's clock reads the fake engine's, so Docker's times and
+    /// the agent's agree as they do on one host.
+    #[derive(Debug)]
+    struct EngineClock(Arc<FakeRuntime>);
+
+    impl Clock for EngineClock {
+        fn now(&self) -> UnixNanos {
+            self.0.now()
+        }
+    }
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        runtime: Arc<FakeRuntime>,
+        manager: SessionManager,
+        devices: Vec<AssignableDevice>,
+    }
+
+    fn setup(injection: DeviceInjection) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let runtime = Arc::new(FakeRuntime::new());
+        let manager = SessionManager::new(
+            SessionSettings {
+                node_id: "n1".into(),
+                injection,
+            },
+            ledger,
+            runtime.clone(),
+            Arc::new(EngineClock(runtime.clone())),
+        );
+        let devices = load_fixture(Path::new("fixtures/sim-dgx-a100.toml"))
+            .unwrap()
+            .assignable();
+        Setup {
+            _dir: dir,
+            runtime,
+            manager,
+            devices,
+        }
+    }
+
+    fn plan(request_id: &str, mig: Option<&str>) -> LaunchPlan {
+        LaunchRequest {
+            request_id: request_id.into(),
+            principal: Some(Principal {
+                subject: "u-alice".into(),
+                kind: PrincipalKind::User,
+            }),
+            scope: Some(Scope::Personal),
+            gpu_count: if mig.is_some() { 0 } else { 1 },
+            mig_profile: mig.unwrap_or_default().into(),
+            mig_count: u32::from(mig.is_some()),
+            container: ContainerRequest {
+                image: "busybox".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .validate()
+        .unwrap()
+    }
+
+    const OPERATOR: Caller = Caller {
+        principal: None,
+        operator: true,
+    };
+
+    fn created_specs(runtime: &FakeRuntime) -> Vec<ContainerSpec> {
+        runtime
+            .calls()
+            .into_iter()
+            .filter_map(|call| match call {
+                FakeCall::Create(spec) => Some(*spec),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_launch_builds_the_container_with_its_devices_labels_and_docker_start_time() {
+        let s = setup(DeviceInjection::Nvidia);
+        let session = s
+            .manager
+            .launch(plan("r1", Some("3g.40gb")), s.devices.clone(), Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(session.state, SessionState::Running);
+        assert_eq!(session.started_at, Some(s.runtime.now()));
+        let spec = &created_specs(&s.runtime)[0];
+        let mig = "MIG-9346009d-10be-482f-b6aa-079b9d66247a";
+        assert_eq!(spec.env["NVIDIA_VISIBLE_DEVICES"], mig);
+        assert_eq!(spec.env["CUDA_VISIBLE_DEVICES"], mig);
+        assert_eq!(spec.labels[labels::SESSION], session.id.0);
+        assert_eq!(spec.labels[labels::NODE], "n1");
+        assert_eq!(spec.labels[labels::DEVICES], mig);
+        assert_eq!(
+            spec.devices,
+            DeviceRequest::Devices {
+                driver: "nvidia".into(),
+                device_ids: vec![mig.into()],
+                capabilities: vec!["gpu".into()],
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn cdi_and_env_injection_build_their_requests() {
+        let s = setup(DeviceInjection::Cdi);
+        s.manager
+            .launch(plan("r1", None), s.devices.clone(), Vec::new())
+            .await
+            .unwrap();
+        let DeviceRequest::Devices {
+            driver, device_ids, ..
+        } = &created_specs(&s.runtime)[0].devices
+        else {
+            panic!("CDI needs a device request");
+        };
+        assert_eq!(driver, "cdi");
+        assert_eq!(
+            device_ids,
+            &["nvidia.com/gpu=GPU-faba74c6-7dc9-4bfd-ab4e-85cb4d26fa32"]
+        );
+
+        let s = setup(DeviceInjection::Env);
+        s.manager
+            .launch(plan("r1", None), s.devices.clone(), Vec::new())
+            .await
+            .unwrap();
+        let spec = &created_specs(&s.runtime)[0];
+        assert_eq!(spec.devices, DeviceRequest::None);
+        assert_eq!(
+            spec.env["NVIDIA_VISIBLE_DEVICES"],
+            "GPU-faba74c6-7dc9-4bfd-ab4e-85cb4d26fa32"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_launch_failing_half_way_releases_devices_and_removes_its_container() {
+        let s = setup(DeviceInjection::Env);
+        s.runtime.fail_next_start(RuntimeError::Engine {
+            call: "start",
+            detail: "boom".into(),
+        });
+        let refusal = s
+            .manager
+            .launch(plan("r1", None), s.devices.clone(), Vec::new())
+            .await
+            .unwrap_err();
+        assert_eq!(refusal.reason, Reason::ContainerEngineUnavailable);
+        assert!(
+            s.runtime
+                .calls()
+                .iter()
+                .any(|c| c.kind() == FakeCallKind::Remove)
+        );
+        assert!(s.runtime.containers().is_empty());
+        assert!(s.manager.busy_devices().await.unwrap().is_empty());
+        let failed = s.manager.list(&OPERATOR, None, true).await.unwrap();
+        assert_eq!(failed[0].end_reason, Some(EndReason::LaunchFailed));
+        assert_eq!(failed[0].recorded.device_ms, 0);
+        // The same device goes to the next launch.
+        let next = s
+            .manager
+            .launch(plan("r2", None), s.devices.clone(), Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(next.devices[0].uuid, failed[0].devices[0].uuid);
+    }
+
+    #[tokio::test]
+    async fn an_unwritable_ledger_refuses_launches_before_any_container_exists() {
+        let s = setup(DeviceInjection::Env);
+        // Another writer holding the database: every write here fails.
+        let blocker = rusqlite::Connection::open(s.manager.ledger().path()).unwrap();
+        blocker.execute_batch("BEGIN EXCLUSIVE; INSERT INTO sessions (id, request_id, node_id, scope, account_id, billed_account_id, owner, owner_kind, image, state, billing_path, created_at_ns) VALUES ('x','x','x','personal','x','x','x','user','x','ended','balance',0);").unwrap();
+        let refusal = s
+            .manager
+            .launch(plan("r1", None), s.devices.clone(), Vec::new())
+            .await
+            .unwrap_err();
+        assert_eq!(refusal.reason, Reason::LedgerUnavailable);
+        assert!(
+            created_specs(&s.runtime).is_empty(),
+            "a container was made without a ledger entry"
+        );
+    }
+
+    #[tokio::test]
+    async fn unhealthy_and_draining_refuse_with_their_reasons() {
+        let s = setup(DeviceInjection::Env);
+        let gpus: Vec<DeviceUuid> = s
+            .devices
+            .iter()
+            .filter(|d| d.mig_profile.is_none())
+            .map(|d| d.uuid.clone())
+            .collect();
+        let refusal = s
+            .manager
+            .launch(plan("r1", None), s.devices.clone(), gpus)
+            .await
+            .unwrap_err();
+        assert_eq!(refusal.reason, Reason::NoFreeDevices);
+        s.manager.set_draining(true);
+        let refusal = s
+            .manager
+            .launch(plan("r2", None), s.devices.clone(), Vec::new())
+            .await
+            .unwrap_err();
+        assert_eq!(refusal.reason, Reason::NodeDraining);
+    }
+
+    #[tokio::test]
+    async fn checkpoints_cut_usage_and_the_end_bills_up_to_dockers_finish() {
+        let s = setup(DeviceInjection::Env);
+        let session = s
+            .manager
+            .launch(plan("r1", Some("1g.10gb")), s.devices.clone(), Vec::new())
+            .await
+            .unwrap();
+        let container = ContainerId(session.container_id.clone().unwrap());
+        s.runtime.advance(Duration::from_millis(60_250));
+        s.manager.reconcile(false).await.unwrap();
+        let after_checkpoint = s.manager.get(&OPERATOR, &session.id).await.unwrap();
+        assert_eq!(after_checkpoint.recorded.device_ms, 60_250);
+        assert_eq!(after_checkpoint.state, SessionState::Running);
+
+        s.runtime.advance(Duration::from_millis(9_750));
+        let finished = s.runtime.now();
+        assert!(s.runtime.exit(&container, 0, finished));
+        s.runtime.advance(Duration::from_secs(5));
+        s.manager
+            .on_event(ContainerEvent {
+                id: container.clone(),
+                kind: ContainerEventKind::Die,
+                at: s.runtime.now(),
+                labels: BTreeMap::from([(labels::SESSION.to_owned(), session.id.0.clone())]),
+            })
+            .await;
+        let ended = s.manager.get(&OPERATOR, &session.id).await.unwrap();
+        assert_eq!(ended.state, SessionState::Ended);
+        assert_eq!(ended.end_reason, Some(EndReason::Exited));
+        assert_eq!(ended.ended_at, Some(finished));
+        assert_eq!(ended.recorded.device_ms, 70_000);
+        assert!((ended.recorded.gpu_seconds - 10.0).abs() < 1e-9);
+        assert!(s.manager.busy_devices().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_container_that_vanished_is_billed_to_its_last_checkpoint_only() {
+        let s = setup(DeviceInjection::Env);
+        let session = s
+            .manager
+            .launch(plan("r1", None), s.devices.clone(), Vec::new())
+            .await
+            .unwrap();
+        s.runtime.advance(Duration::from_secs(60));
+        s.manager.reconcile(false).await.unwrap();
+        s.runtime
+            .vanish(&ContainerId(session.container_id.clone().unwrap()));
+        s.runtime.advance(Duration::from_secs(60));
+        s.manager.reconcile(true).await.unwrap();
+        let ended = s.manager.get(&OPERATOR, &session.id).await.unwrap();
+        assert_eq!(ended.end_reason, Some(EndReason::Removed));
+        assert_eq!(ended.recorded.device_ms, 60_000);
+    }
+
+    #[tokio::test]
+    async fn stop_is_for_the_owner_and_the_operator() {
+        let s = setup(DeviceInjection::Env);
+        let session = s
+            .manager
+            .launch(plan("r1", None), s.devices.clone(), Vec::new())
+            .await
+            .unwrap();
+        let bob = Caller {
+            principal: Some(Principal {
+                subject: "u-bob".into(),
+                kind: PrincipalKind::User,
+            }),
+            operator: false,
+        };
+        let refusal = s
+            .manager
+            .stop(&bob, &session.id, Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert_eq!(refusal.reason, Reason::RoleForbidden);
+        assert!(s.manager.list(&bob, None, true).await.unwrap().is_empty());
+        let alice = Caller {
+            principal: Some(session.owner.clone()),
+            operator: false,
+        };
+        s.runtime.advance(Duration::from_secs(3));
+        let stopped = s
+            .manager
+            .stop(&alice, &session.id, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(stopped.end_reason, Some(EndReason::Stopped));
+        assert_eq!(stopped.recorded.device_ms, 3_000);
+        // Stopping again returns the ended session unchanged.
+        assert_eq!(
+            s.manager
+                .stop(&alice, &session.id, Duration::ZERO)
+                .await
+                .unwrap(),
+            stopped
+        );
+    }
+}

@@ -1,0 +1,642 @@
+//! What a launch may ask for. A request arrives as [`LaunchRequest`] (the
+//! API's shape, untrusted) and leaves as [`LaunchPlan`] (checked, ready to
+//! build a container from), or as a refusal that names what to change.
+//! Anything that would reach beyond the session's own devices and volumes
+//! (privileges, host namespaces, host paths, extra devices or capabilities,
+//! the device variables) is refused, never silently dropped.
+
+use std::collections::BTreeMap;
+
+use super::{Principal, Scope};
+use crate::allocation::DeviceSelector;
+use crate::error::{Reason, Refusal};
+use crate::gpu::DeviceUuid;
+use crate::runtime::Network;
+
+/// Variables that choose devices: the agent sets them, a request cannot.
+pub const DEVICE_VARIABLES: [&str; 4] = [
+    "NVIDIA_VISIBLE_DEVICES",
+    "CUDA_VISIBLE_DEVICES",
+    "NVIDIA_MIG_CONFIG_DEVICES",
+    "NVIDIA_MIG_MONITOR_DEVICES",
+];
+
+const MAX_ID_LEN: usize = 64;
+const MAX_REQUEST_ID_LEN: usize = 128;
+const MAX_DEVICES: u32 = 64;
+const MAX_ENV: usize = 1024;
+const MAX_ENV_BYTES: usize = 256 * 1024;
+const MAX_ARGS: usize = 1024;
+const MAX_VOLUMES: usize = 32;
+
+/// A launch as the API received it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LaunchRequest {
+    pub request_id: String,
+    pub principal: Option<Principal>,
+    pub scope: Option<Scope>,
+    pub org_id: String,
+    pub gpu_count: u32,
+    pub gpu_model: String,
+    pub mig_profile: String,
+    pub mig_count: u32,
+    pub device_uuids: Vec<String>,
+    pub container: ContainerRequest,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerRequest {
+    pub image: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub volumes: Vec<VolumeRequest>,
+    pub privileged: bool,
+    pub network_mode: String,
+    pub pid_mode: String,
+    pub ipc_mode: String,
+    pub cap_add: Vec<String>,
+    pub devices: Vec<String>,
+    pub binds: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VolumeRequest {
+    pub name: String,
+    pub target: String,
+    pub read_only: bool,
+}
+
+/// A launch that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchPlan {
+    pub request_id: String,
+    pub principal: Principal,
+    pub scope: Scope,
+    /// The user (personal) or org (org scope) the session runs under.
+    pub account_id: String,
+    pub devices: DeviceSelector,
+    pub image: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub volumes: Vec<VolumeRequest>,
+    pub network: Network,
+}
+
+fn invalid(message: impl Into<String>) -> Refusal {
+    Refusal::new(Reason::InvalidRequest, message)
+}
+
+fn forbidden(option: &str, message: impl Into<String>) -> Refusal {
+    Refusal::new(Reason::ForbiddenContainerOption, message).with("option", option)
+}
+
+/// Account, user and org ids end up in labels and volume names: letters,
+/// digits, `.`, `_`, `-`, starting with a letter or digit.
+pub fn check_id(field: &str, value: &str) -> Result<(), Refusal> {
+    let plain = value.len() <= MAX_ID_LEN
+        && value
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !plain {
+        return Err(invalid(format!(
+            "{field} `{}` is not an id: use 1 to {MAX_ID_LEN} letters, digits, `.`, `_` or `-`, \
+             starting with a letter or digit",
+            value.escape_debug()
+        )));
+    }
+    Ok(())
+}
+
+impl LaunchRequest {
+    /// Checks everything that can be checked without the node's state.
+    pub fn validate(self) -> Result<LaunchPlan, Refusal> {
+        let request_id = self.request_id;
+        if request_id.is_empty()
+            || request_id.len() > MAX_REQUEST_ID_LEN
+            || !request_id.chars().all(|c| c.is_ascii_graphic())
+        {
+            return Err(invalid(format!(
+                "request_id must be 1 to {MAX_REQUEST_ID_LEN} printable characters without spaces: \
+                 a key the caller reuses when it retries"
+            )));
+        }
+        let principal = self
+            .principal
+            .ok_or_else(|| invalid("principal is required: who launches"))?;
+        check_id("principal.subject", &principal.subject)?;
+        let scope = self
+            .scope
+            .ok_or_else(|| invalid("scope is required: SCOPE_PERSONAL or SCOPE_ORG"))?;
+        let account_id = match scope {
+            Scope::Personal => {
+                if !self.org_id.is_empty() {
+                    return Err(invalid(
+                        "org_id is set on a personal launch: use scope SCOPE_ORG, or leave org_id empty",
+                    ));
+                }
+                principal.subject.clone()
+            }
+            Scope::Org => {
+                if self.org_id.is_empty() {
+                    return Err(invalid("org_id is required with scope SCOPE_ORG"));
+                }
+                check_id("org_id", &self.org_id)?;
+                self.org_id
+            }
+        };
+        let devices = selector(
+            self.gpu_count,
+            self.gpu_model,
+            self.mig_profile,
+            self.mig_count,
+            self.device_uuids,
+        )?;
+        let container = self.container;
+        let network = container_options(&container)?;
+        let image = container.image;
+        if image.is_empty()
+            || image.len() > 512
+            || image.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                "container.image must be an image reference without spaces",
+            ));
+        }
+        if container.command.len() > MAX_ARGS || container.command.iter().any(|a| a.contains('\0'))
+        {
+            return Err(invalid(format!(
+                "container.command must have at most {MAX_ARGS} arguments without NUL bytes"
+            )));
+        }
+        check_env(&container.env)?;
+        check_volumes(&container.volumes)?;
+        Ok(LaunchPlan {
+            request_id,
+            principal,
+            scope,
+            account_id,
+            devices,
+            image,
+            command: container.command,
+            env: container.env,
+            volumes: container.volumes,
+            network,
+        })
+    }
+}
+
+fn selector(
+    gpu_count: u32,
+    gpu_model: String,
+    mig_profile: String,
+    mig_count: u32,
+    device_uuids: Vec<String>,
+) -> Result<DeviceSelector, Refusal> {
+    let ways = [
+        gpu_count > 0,
+        mig_count > 0 || !mig_profile.is_empty(),
+        !device_uuids.is_empty(),
+    ];
+    match ways.iter().filter(|&&w| w).count() {
+        0 => {
+            return Err(invalid(
+                "devices: set gpu_count, or mig_profile with mig_count, or device_uuids",
+            ));
+        }
+        1 => {}
+        _ => {
+            return Err(invalid(
+                "devices: use one of gpu_count, mig_profile + mig_count, or device_uuids, not several",
+            ));
+        }
+    }
+    if gpu_count > MAX_DEVICES
+        || mig_count > MAX_DEVICES
+        || device_uuids.len() > MAX_DEVICES as usize
+    {
+        return Err(invalid(format!(
+            "devices: at most {MAX_DEVICES} per session"
+        )));
+    }
+    if gpu_count > 0 {
+        return Ok(DeviceSelector::Gpus {
+            count: gpu_count,
+            model: (!gpu_model.is_empty()).then_some(gpu_model),
+        });
+    }
+    if !gpu_model.is_empty() {
+        return Err(invalid(
+            "devices.gpu_model only goes with devices.gpu_count",
+        ));
+    }
+    if !device_uuids.is_empty() {
+        if let Some(bad) = device_uuids
+            .iter()
+            .find(|u| u.is_empty() || u.len() > 128 || !u.chars().all(|c| c.is_ascii_graphic()))
+        {
+            return Err(Refusal::new(
+                Reason::UnknownDevice,
+                format!(
+                    "`{}` is not a device UUID; ask GetInventory",
+                    bad.escape_debug()
+                ),
+            ));
+        }
+        return Ok(DeviceSelector::Exact(
+            device_uuids.into_iter().map(DeviceUuid::new).collect(),
+        ));
+    }
+    if mig_profile.is_empty() || mig_count == 0 {
+        return Err(invalid("devices: mig_profile and mig_count go together"));
+    }
+    Ok(DeviceSelector::Mig {
+        profile: mig_profile,
+        count: mig_count,
+    })
+}
+
+/// Refuses every option that would reach beyond the container's own
+/// devices and namespaces; returns the network it may have.
+fn container_options(container: &ContainerRequest) -> Result<Network, Refusal> {
+    if container.privileged {
+        return Err(forbidden(
+            "privileged",
+            "container.privileged is not allowed: a privileged container sees every device of the host",
+        ));
+    }
+    let network = match container.network_mode.as_str() {
+        "" | "bridge" => Network::Bridge,
+        "none" => Network::None,
+        other => {
+            return Err(forbidden(
+                "network_mode",
+                format!(
+                    "container.network_mode `{}` is not allowed: use \"bridge\" (the default) or \"none\"",
+                    other.escape_debug()
+                ),
+            ));
+        }
+    };
+    for (option, value) in [
+        ("pid_mode", &container.pid_mode),
+        ("ipc_mode", &container.ipc_mode),
+    ] {
+        if !value.is_empty() {
+            return Err(forbidden(
+                option,
+                format!(
+                    "container.{option} is not allowed: sessions never share the host's or another container's namespaces"
+                ),
+            ));
+        }
+    }
+    if !container.cap_add.is_empty() {
+        return Err(forbidden(
+            "cap_add",
+            "container.cap_add is not allowed: sessions get Docker's default capabilities only",
+        ));
+    }
+    if !container.devices.is_empty() {
+        return Err(forbidden(
+            "devices",
+            "container.devices is not allowed: GPUs come through `devices` of the request, nothing else of the host",
+        ));
+    }
+    if !container.binds.is_empty() {
+        return Err(forbidden(
+            "binds",
+            "container.binds is not allowed: use named volumes (container.volumes)",
+        ));
+    }
+    Ok(network)
+}
+
+fn check_env(env: &BTreeMap<String, String>) -> Result<(), Refusal> {
+    if env.len() > MAX_ENV {
+        return Err(invalid(format!(
+            "container.env has {} entries; at most {MAX_ENV}",
+            env.len()
+        )));
+    }
+    let mut bytes = 0;
+    for (name, value) in env {
+        if let Some(reserved) = DEVICE_VARIABLES
+            .iter()
+            .find(|v| name.eq_ignore_ascii_case(v))
+        {
+            return Err(forbidden(
+                "env",
+                format!("container.env cannot set {reserved}: the agent sets it to the session's devices"),
+            )
+            .with("variable", *reserved));
+        }
+        let valid_name = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_name {
+            return Err(invalid(format!(
+                "container.env name `{}` is not a variable name (letters, digits, `_`)",
+                name.escape_debug()
+            )));
+        }
+        if value.contains('\0') {
+            return Err(invalid(format!("container.env {name} contains a NUL byte")));
+        }
+        bytes += name.len() + value.len();
+    }
+    if bytes > MAX_ENV_BYTES {
+        return Err(invalid(format!(
+            "container.env is {bytes} bytes; at most {MAX_ENV_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+/// Volume names are the request's own namespace (prefixed by the owning
+/// account when the container is built); a path is a host bind mount.
+fn check_volumes(volumes: &[VolumeRequest]) -> Result<(), Refusal> {
+    if volumes.len() > MAX_VOLUMES {
+        return Err(invalid(format!("container.volumes: at most {MAX_VOLUMES}")));
+    }
+    let mut targets = std::collections::HashSet::new();
+    for volume in volumes {
+        if volume.name.contains('/') || volume.name.starts_with('.') || volume.name.starts_with('~')
+        {
+            return Err(forbidden(
+                "volumes",
+                format!(
+                    "volume `{}` looks like a host path: host bind mounts are not allowed, name a volume",
+                    volume.name.escape_debug()
+                ),
+            ));
+        }
+        check_id("container.volumes.name", &volume.name)?;
+        let target = &volume.target;
+        if !target.starts_with('/')
+            || target == "/"
+            || target.split('/').any(|part| part == ".." || part == ".")
+            || target.contains('\0')
+            || target.len() > 1024
+        {
+            return Err(invalid(format!(
+                "volume target `{}` must be an absolute path inside the container, without `.` or `..`",
+                target.escape_debug()
+            )));
+        }
+        if !targets.insert(target.trim_end_matches('/')) {
+            return Err(invalid(format!("two volumes are mounted at {target}")));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::PrincipalKind;
+
+    fn base() -> LaunchRequest {
+        LaunchRequest {
+            request_id: "req-1".into(),
+            principal: Some(Principal {
+                subject: "u-alice".into(),
+                kind: PrincipalKind::User,
+            }),
+            scope: Some(Scope::Personal),
+            gpu_count: 1,
+            container: ContainerRequest {
+                image: "busybox:latest".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn refused(change: impl FnOnce(&mut LaunchRequest)) -> Refusal {
+        let mut request = base();
+        change(&mut request);
+        request.validate().unwrap_err()
+    }
+
+    fn option_of(refusal: &Refusal) -> Option<&str> {
+        refusal
+            .metadata
+            .iter()
+            .find(|(k, _)| k == "option")
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn a_plain_personal_launch_passes() {
+        let plan = base().validate().unwrap();
+        assert_eq!(plan.account_id, "u-alice");
+        assert_eq!(
+            plan.devices,
+            DeviceSelector::Gpus {
+                count: 1,
+                model: None
+            }
+        );
+        assert_eq!(plan.network, Network::Bridge);
+    }
+
+    #[test]
+    fn an_org_launch_runs_under_the_org() {
+        let mut request = base();
+        request.scope = Some(Scope::Org);
+        request.org_id = "acme".into();
+        assert_eq!(request.validate().unwrap().account_id, "acme");
+        assert_eq!(
+            refused(|r| r.scope = Some(Scope::Org)).reason,
+            Reason::InvalidRequest
+        );
+        assert_eq!(
+            refused(|r| r.org_id = "acme".into()).reason,
+            Reason::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn every_escape_is_refused_naming_the_option() {
+        type Change = Box<dyn FnOnce(&mut LaunchRequest)>;
+        let cases: Vec<(&str, Change)> = vec![
+            ("privileged", Box::new(|r| r.container.privileged = true)),
+            (
+                "network_mode",
+                Box::new(|r| r.container.network_mode = "host".into()),
+            ),
+            (
+                "network_mode",
+                Box::new(|r| r.container.network_mode = "container:x".into()),
+            ),
+            (
+                "pid_mode",
+                Box::new(|r| r.container.pid_mode = "host".into()),
+            ),
+            (
+                "ipc_mode",
+                Box::new(|r| r.container.ipc_mode = "host".into()),
+            ),
+            (
+                "cap_add",
+                Box::new(|r| r.container.cap_add = vec!["SYS_ADMIN".into()]),
+            ),
+            (
+                "devices",
+                Box::new(|r| r.container.devices = vec!["/dev/nvidia1".into()]),
+            ),
+            (
+                "binds",
+                Box::new(|r| r.container.binds = vec!["/:/host".into()]),
+            ),
+            (
+                "volumes",
+                Box::new(|r| {
+                    r.container.volumes = vec![VolumeRequest {
+                        name: "/etc".into(),
+                        target: "/x".into(),
+                        read_only: false,
+                    }]
+                }),
+            ),
+            (
+                "volumes",
+                Box::new(|r| {
+                    r.container.volumes = vec![VolumeRequest {
+                        name: "../other".into(),
+                        target: "/x".into(),
+                        read_only: false,
+                    }]
+                }),
+            ),
+            (
+                "env",
+                Box::new(|r| {
+                    r.container
+                        .env
+                        .insert("NVIDIA_VISIBLE_DEVICES".into(), "all".into());
+                }),
+            ),
+            (
+                "env",
+                Box::new(|r| {
+                    r.container
+                        .env
+                        .insert("cuda_visible_devices".into(), "0".into());
+                }),
+            ),
+        ];
+        for (option, change) in cases {
+            let refusal = refused(change);
+            assert_eq!(
+                refusal.reason,
+                Reason::ForbiddenContainerOption,
+                "{option}: {refusal:?}"
+            );
+            assert_eq!(option_of(&refusal), Some(option));
+        }
+    }
+
+    #[test]
+    fn device_selection_takes_exactly_one_way() {
+        assert_eq!(refused(|r| r.gpu_count = 0).reason, Reason::InvalidRequest);
+        assert_eq!(refused(|r| r.mig_count = 1).reason, Reason::InvalidRequest);
+        assert_eq!(
+            refused(|r| {
+                r.gpu_count = 0;
+                r.mig_profile = "1g.10gb".into();
+            })
+            .reason,
+            Reason::InvalidRequest
+        );
+        assert_eq!(refused(|r| r.gpu_count = 65).reason, Reason::InvalidRequest);
+        let mut mig = base();
+        mig.gpu_count = 0;
+        mig.mig_profile = "1g.10gb".into();
+        mig.mig_count = 2;
+        assert_eq!(
+            mig.validate().unwrap().devices,
+            DeviceSelector::Mig {
+                profile: "1g.10gb".into(),
+                count: 2
+            }
+        );
+        let mut exact = base();
+        exact.gpu_count = 0;
+        exact.device_uuids = vec!["GPU-1".into()];
+        assert_eq!(
+            exact.validate().unwrap().devices,
+            DeviceSelector::Exact(vec![DeviceUuid::new("GPU-1")])
+        );
+    }
+
+    #[test]
+    fn ids_and_names_stay_plain() {
+        assert_eq!(
+            refused(|r| r.request_id = String::new()).reason,
+            Reason::InvalidRequest
+        );
+        assert_eq!(
+            refused(|r| r.request_id = "a b".into()).reason,
+            Reason::InvalidRequest
+        );
+        assert_eq!(
+            refused(|r| r.principal = None).reason,
+            Reason::InvalidRequest
+        );
+        assert_eq!(
+            refused(|r| r.principal.as_mut().unwrap().subject = "../root".into()).reason,
+            Reason::InvalidRequest
+        );
+        assert_eq!(
+            refused(|r| r.container.image = String::new()).reason,
+            Reason::InvalidRequest
+        );
+        assert_eq!(
+            refused(|r| {
+                r.container.env.insert("1BAD".into(), "x".into());
+            })
+            .reason,
+            Reason::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn env_and_volumes_are_bounded() {
+        let refusal = refused(|r| {
+            for i in 0..=MAX_ENV {
+                r.container.env.insert(format!("V{i}"), "x".into());
+            }
+        });
+        assert_eq!(refusal.reason, Reason::InvalidRequest);
+        let refusal = refused(|r| {
+            r.container.volumes = vec![
+                VolumeRequest {
+                    name: "a".into(),
+                    target: "/data".into(),
+                    read_only: false,
+                },
+                VolumeRequest {
+                    name: "b".into(),
+                    target: "/data/".into(),
+                    read_only: true,
+                },
+            ]
+        });
+        assert_eq!(refusal.reason, Reason::InvalidRequest);
+        let refusal = refused(|r| {
+            r.container.volumes = vec![VolumeRequest {
+                name: "a".into(),
+                target: "/data/../etc".into(),
+                read_only: false,
+            }]
+        });
+        assert_eq!(refusal.reason, Reason::InvalidRequest);
+    }
+}
