@@ -476,36 +476,81 @@ async fn sigterm_leaves_containers_running() {
     assert_eq!(running, "true");
 }
 
-#[tokio::test]
-async fn an_unknown_labelled_container_is_reported_not_billed_or_killed_and_keeps_its_devices() {
-    let mut daemon = Daemon::start("sim-dgx-a100.toml", "");
-    // A container with this node's labels that the ledger never saw.
-    let name = format!("stray-{}", daemon.node_id);
-    let stray = docker(&[
+/// Starts a container with this node's labels that no ledger ever saw.
+fn stray_container(daemon: &Daemon, name: &str, device: &str) -> String {
+    docker(&[
         "run",
         "-d",
         "--name",
-        &name,
+        &format!("{name}-{}", daemon.node_id),
         "--label",
         &format!("dev.gpuwarden.node={}", daemon.node_id),
         "--label",
-        "dev.gpuwarden.session=s-unknown",
+        &format!("dev.gpuwarden.session=s-unknown-{name}"),
         "--label",
-        &format!("dev.gpuwarden.devices={GPU7}"),
+        &format!("dev.gpuwarden.devices={device}"),
         &test_image(),
         "sleep",
         "300",
-    ]);
+    ])
+}
+
+/// Polls the inventory until `device` shows as held (by anything), bounded.
+async fn await_device_held(client: &mut NodeAgentClient<Channel>, device: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let inventory = client
+            .get_inventory(proto::GetInventoryRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let holder = inventory
+            .devices
+            .iter()
+            .find(|d| d.uuid == device)
+            .map(|d| d.session_id.clone())
+            .unwrap_or_default();
+        if !holder.is_empty() {
+            return holder;
+        }
+        assert!(Instant::now() < deadline, "{device} never showed as held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_labelled_container_is_reported_not_billed_or_killed_and_keeps_its_devices() {
+    const GPU6: &str = "GPU-3f4965c6-61dd-4e88-851b-d575a5ca9321";
+    let mut daemon = Daemon::start("sim-dgx-a100.toml", "");
+    daemon.client().await;
+    // One appears while the agent is down: the start-up reconcile finds it
+    // before the socket serves.
+    daemon.kill9().await;
+    let while_down = stray_container(&daemon, "while-down", GPU7);
+    daemon.restart();
     let mut client = daemon.client().await;
     let status = client
         .launch(launch_request("wants-7", exact(&[GPU7]), SLEEP))
         .await
         .unwrap_err();
     assert_eq!(reason_of(&status).as_deref(), Some("NO_FREE_DEVICES"));
-    assert_eq!(
-        docker(&["inspect", "-f", "{{.State.Running}}", &stray]),
-        "true"
-    );
+
+    // One appears while the agent runs: Docker's start event reports it.
+    let while_up = stray_container(&daemon, "while-up", GPU6);
+    let holder = await_device_held(&mut client, GPU6).await;
+    assert!(holder.contains(&while_up), "held by {holder}");
+    let status = client
+        .launch(launch_request("wants-6", exact(&[GPU6]), SLEEP))
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&status).as_deref(), Some("NO_FREE_DEVICES"));
+
+    for stray in [&while_down, &while_up] {
+        assert_eq!(
+            docker(&["inspect", "-f", "{{.State.Running}}", stray]),
+            "true"
+        );
+    }
     let sessions = client
         .list_sessions(proto::ListSessionsRequest {
             principal: None,
@@ -517,8 +562,28 @@ async fn an_unknown_labelled_container_is_reported_not_billed_or_killed_and_keep
         .into_inner();
     assert!(
         sessions.sessions.is_empty(),
-        "the stray container was taken for a session"
+        "a stray container was taken for a session"
     );
+
+    // Once the stray is gone its device is free again.
+    docker(&["rm", "-f", &while_up]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match client
+            .launch(launch_request("wants-6-again", exact(&[GPU6]), SLEEP))
+            .await
+        {
+            Ok(session) => {
+                assert_eq!(session.into_inner().device_uuids, vec![GPU6.to_owned()]);
+                break;
+            }
+            Err(status) => {
+                assert_eq!(reason_of(&status).as_deref(), Some("NO_FREE_DEVICES"));
+                assert!(Instant::now() < deadline, "{GPU6} stayed withheld");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 #[tokio::test]

@@ -416,9 +416,13 @@ impl SessionManager {
             return;
         };
         let result = match event.kind {
-            ContainerEventKind::Start => Ok(()),
-            ContainerEventKind::Die => self.on_exit(&id, &event).await,
+            ContainerEventKind::Start => self.on_start(&id, &event).await,
+            ContainerEventKind::Die => {
+                self.release_foreign(&event.id);
+                self.on_exit(&id, &event).await
+            }
             ContainerEventKind::Destroy => {
+                self.release_foreign(&event.id);
                 self.close_if_started(
                     &id,
                     Some(event.at),
@@ -431,6 +435,31 @@ impl SessionManager {
         if let Err(error) = result {
             tracing::error!(session = %id, event = ?event.kind, error = %error, "could not record a container event; the next reconcile retries");
         }
+    }
+
+    /// A container with our labels started: ours when the ledger holds its
+    /// session open (a launch records the session before creating the
+    /// container), otherwise foreign, and its devices are withheld at once
+    /// rather than at the next reconcile.
+    async fn on_start(&self, id: &SessionId, event: &ContainerEvent) -> Result<(), Refusal> {
+        let open = self
+            .ledger
+            .get(id)
+            .await?
+            .is_some_and(|session| session.state != SessionState::Ended);
+        if !open {
+            let mut foreign = self.foreign.lock().unwrap_or_else(PoisonError::into_inner);
+            let seen_before = foreign.values().any(|holder| *holder == event.id);
+            withhold_devices(&mut foreign, &event.id, &event.labels, &id.0, seen_before);
+        }
+        Ok(())
+    }
+
+    fn release_foreign(&self, container: &ContainerId) {
+        self.foreign
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, holder| holder != container);
     }
 
     async fn on_exit(&self, id: &SessionId, event: &ContainerEvent) -> Result<(), Refusal> {
@@ -504,8 +533,8 @@ impl SessionManager {
             self.settle(&session, container, now, at_start).await?;
             by_session.remove(&session.id.0);
         }
-        self.report_unknown(by_session.into_values().collect())
-            .await
+        self.report_unknown(by_session.into_values().collect());
+        Ok(())
     }
 
     async fn settle(
@@ -605,38 +634,25 @@ impl SessionManager {
     /// Containers with our node's labels that the ledger has no open
     /// session for: never billed or killed, reported, and their devices
     /// kept from other sessions while they run.
-    async fn report_unknown(&self, containers: Vec<ContainerState>) -> Result<(), Refusal> {
+    fn report_unknown(&self, containers: Vec<ContainerState>) {
+        let previous = self.foreign_devices();
         let mut foreign = HashMap::new();
         for container in containers.into_iter().filter(|c| c.running) {
-            let known = match container.labels.get(labels::SESSION) {
-                Some(session) => self
-                    .ledger
-                    .get(&SessionId(session.clone()))
-                    .await?
-                    .is_some(),
-                None => false,
-            };
-            tracing::warn!(
-                container = %container.id,
-                name = %container.name,
-                session = container.labels.get(labels::SESSION).map(String::as_str).unwrap_or(""),
-                known_but_ended = known,
-                devices = container.labels.get(labels::DEVICES).map(String::as_str).unwrap_or(""),
-                "a running container with gpuwarden labels has no open session here: not billed, not stopped; its devices are withheld"
-            );
-            for device in container
+            let session = container
                 .labels
-                .get(labels::DEVICES)
+                .get(labels::SESSION)
                 .map(String::as_str)
-                .unwrap_or("")
-                .split(',')
-                .filter(|d| !d.is_empty())
-            {
-                foreign.insert(DeviceUuid::new(device), container.id.clone());
-            }
+                .unwrap_or("");
+            let seen_before = previous.values().any(|holder| *holder == container.id);
+            withhold_devices(
+                &mut foreign,
+                &container.id,
+                &container.labels,
+                session,
+                seen_before,
+            );
         }
         *self.foreign.lock().unwrap_or_else(PoisonError::into_inner) = foreign;
-        Ok(())
     }
 
     /// Follows the engine's events until `shutdown`, re-subscribing with
@@ -691,6 +707,32 @@ impl SessionManager {
                 }
             }
         }
+    }
+}
+
+/// Records the devices a foreign container's labels claim; warns when the
+/// container was not seen before, so the operator hears of it once.
+fn withhold_devices(
+    foreign: &mut HashMap<DeviceUuid, ContainerId>,
+    container: &ContainerId,
+    container_labels: &BTreeMap<String, String>,
+    session: &str,
+    seen_before: bool,
+) {
+    let devices = container_labels
+        .get(labels::DEVICES)
+        .map(String::as_str)
+        .unwrap_or("");
+    if !seen_before {
+        tracing::warn!(
+            container = %container,
+            session,
+            devices,
+            "a running container with gpuwarden labels has no open session here: not billed, not stopped; its devices are withheld"
+        );
+    }
+    for device in devices.split(',').filter(|d| !d.is_empty()) {
+        foreign.insert(DeviceUuid::new(device), container.clone());
     }
 }
 
@@ -966,6 +1008,41 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(refusal.reason, Reason::NodeDraining);
+    }
+
+    #[tokio::test]
+    async fn a_foreign_container_starting_withholds_its_devices_until_it_dies() {
+        let s = setup(DeviceInjection::Env);
+        let mut gpus = s.devices.iter().filter(|d| d.mig_profile.is_none());
+        let free = gpus.next().unwrap().uuid.clone();
+        let unhealthy: Vec<DeviceUuid> = gpus.map(|d| d.uuid.clone()).collect();
+        let stray = ContainerId("stray".into());
+        let event = |kind| ContainerEvent {
+            id: stray.clone(),
+            kind,
+            at: s.runtime.now(),
+            labels: BTreeMap::from([
+                (labels::NODE.to_owned(), "n1".to_owned()),
+                (labels::SESSION.to_owned(), "s-unknown".to_owned()),
+                (labels::DEVICES.to_owned(), free.to_string()),
+            ]),
+        };
+        s.manager.on_event(event(ContainerEventKind::Start)).await;
+        let refusal = s
+            .manager
+            .launch(plan("r1", None), s.devices.clone(), unhealthy.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(refusal.reason, Reason::NoFreeDevices);
+        assert!(s.manager.ledger().holds().await.unwrap().is_empty());
+
+        s.manager.on_event(event(ContainerEventKind::Die)).await;
+        let session = s
+            .manager
+            .launch(plan("r2", None), s.devices.clone(), unhealthy)
+            .await
+            .unwrap();
+        assert_eq!(session.devices[0].uuid, free);
     }
 
     #[tokio::test]

@@ -1,0 +1,138 @@
+//! Launch -> RUNNING latency of the agent against a plain Docker create +
+//! start of the same container on the same engine, interleaved in one run.
+//! Prints p50/p90 of both and the p50 ratio (target: at most 1.10x).
+//!
+//!     cargo bench --bench launch_latency            # 40 rounds
+//!     ROUNDS=200 cargo bench --bench launch_latency
+//!
+//! Needs the Docker engine and the test image (scripts/test.sh sets both up).
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, test_image};
+use gpuwarden::proto;
+use gpuwarden::runtime::docker::DockerRuntime;
+use gpuwarden::runtime::{ContainerRuntime, ContainerSpec, DeviceRequest, Network, labels};
+
+const MIG: &str = "MIG-0d4b7102-166c-4d26-804d-35a10322fc1b";
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[tokio::main]
+async fn main() {
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(40);
+    let mut daemon = Daemon::start("sim-dgx-a100.toml", "");
+    let mut agent = daemon.client().await;
+    let docker = DockerRuntime::connect(Path::new("/var/run/docker.sock"))
+        .await
+        .unwrap();
+    let plain_label = format!("gpuwarden-bench-plain={}", daemon.node_id);
+
+    let mut through_agent = Vec::with_capacity(rounds);
+    let mut plain = Vec::with_capacity(rounds);
+    for round in 0..rounds + 2 {
+        // The agent: Launch answers once the container runs and the ledger
+        // has recorded Docker's StartedAt.
+        let request = proto::LaunchRequest {
+            request_id: format!("bench-{round}"),
+            principal: Some(proto::Principal {
+                subject: "u-bench".into(),
+                kind: proto::PrincipalKind::User.into(),
+            }),
+            scope: proto::Scope::Personal.into(),
+            devices: Some(proto::DeviceSelector {
+                device_uuids: vec![MIG.into()],
+                ..Default::default()
+            }),
+            container: Some(proto::ContainerSpec {
+                image: test_image(),
+                command: vec!["sleep".into(), "300".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let session = agent.launch(request).await.unwrap().into_inner();
+        let agent_time = started.elapsed();
+        assert_eq!(session.state(), proto::SessionState::Running);
+
+        // Plain Docker: the same container, created and started directly.
+        let spec = ContainerSpec {
+            name: format!("gpuwarden-bench-{}-{round}", daemon.node_id),
+            image: test_image(),
+            command: vec!["sleep".into(), "300".into()],
+            env: BTreeMap::from([
+                ("NVIDIA_VISIBLE_DEVICES".to_owned(), MIG.to_owned()),
+                ("CUDA_VISIBLE_DEVICES".to_owned(), MIG.to_owned()),
+            ]),
+            labels: BTreeMap::from([
+                (labels::SESSION.to_owned(), format!("bench-{round}")),
+                ("gpuwarden-bench-plain".to_owned(), daemon.node_id.clone()),
+            ]),
+            volumes: Vec::new(),
+            devices: DeviceRequest::None,
+            network: Network::Bridge,
+            pids_limit: 4096,
+        };
+        let started = Instant::now();
+        let id = docker.create(&spec).await.unwrap();
+        docker.start(&id).await.unwrap();
+        let plain_time = started.elapsed();
+
+        // Not measured: put both away so every round starts alike.
+        agent
+            .stop(proto::StopRequest {
+                session_id: session.id,
+                principal: None,
+                timeout_seconds: 0,
+            })
+            .await
+            .unwrap();
+        docker.remove(&id).await.unwrap();
+        common::remove_containers(&format!("dev.gpuwarden.session={}", session.container_id));
+        if round >= 2 {
+            // The first rounds warm caches on both sides.
+            through_agent.push(agent_time);
+            plain.push(plain_time);
+        }
+    }
+    common::remove_containers(&plain_label);
+    through_agent.sort();
+    plain.sort();
+    let (a50, p50) = (percentile(&through_agent, 0.5), percentile(&plain, 0.5));
+    println!(
+        "launch latency over {rounds} interleaved rounds (Docker {})",
+        common::docker(&["version", "-f", "{{.Server.Version}}"])
+    );
+    println!(
+        "  agent Launch -> RUNNING   p50 {:7.2} ms   p90 {:7.2} ms",
+        ms(a50),
+        ms(percentile(&through_agent, 0.9))
+    );
+    println!(
+        "  plain create + start      p50 {:7.2} ms   p90 {:7.2} ms",
+        ms(p50),
+        ms(percentile(&plain, 0.9))
+    );
+    println!(
+        "  p50 ratio {:.3}x (target <= 1.10x), agent's own work ~{:.2} ms",
+        ms(a50) / ms(p50),
+        ms(a50) - ms(p50)
+    );
+}
