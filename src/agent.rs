@@ -1,16 +1,19 @@
 //! The agent's domain core: what this node has and what runs on it. The
 //! gRPC layer (`api`) only converts to and from it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use crate::error::Refusal;
-use crate::gpu::{self, GpuBackend, GpuError, HostInventory};
+use crate::gpu::{self, DeviceUuid, GpuBackend, GpuError, HostInventory};
 use crate::inventory::InventoryView;
 use crate::session::manager::SessionManager;
 use crate::session::request::LaunchRequest;
-use crate::session::{Caller, SessionRecord};
+use crate::policy::Policy;
+use crate::session::{Caller, Scope, SessionRecord};
+use crate::toml_file::FileError;
 
 #[derive(Debug)]
 pub struct Agent {
@@ -81,7 +84,8 @@ impl Agent {
     }
 
     /// Where a launch is decided: the request is checked, then the session
-    /// manager reserves devices among this node's assignable ones.
+    /// manager admits it and reserves devices among this node's assignable
+    /// ones. Every refusal is audited and announced.
     pub async fn launch(
         &self,
         caller: &Caller,
@@ -91,8 +95,60 @@ impl Agent {
         if request.principal.is_none() {
             request.principal = caller.principal.clone();
         }
-        let plan = request.validate()?;
-        let devices = self.scan().inventory.assignable();
-        self.sessions.launch(plan, devices, Vec::new()).await
+        let request_id = request.request_id.clone();
+        let principal = request.principal.clone();
+        let account_id = match request.scope {
+            Some(Scope::Org) => request.org_id.clone(),
+            _ => principal.as_ref().map(|p| p.subject.clone()).unwrap_or_default(),
+        };
+        let result = match request.validate() {
+            Ok(plan) => {
+                let devices = self.scan().inventory.assignable();
+                self.sessions.launch(plan, devices, Vec::new()).await
+            }
+            Err(refusal) => Err(refusal),
+        };
+        if let Err(refusal) = &result {
+            self.sessions
+                .launch_refused(&request_id, principal.as_ref(), &account_id, refusal)
+                .await;
+        }
+        result
+    }
+
+    /// The UUIDs of the devices found by the last scan.
+    fn device_uuids(&self) -> HashSet<DeviceUuid> {
+        self.scan()
+            .inventory
+            .assignable()
+            .into_iter()
+            .map(|d| d.uuid)
+            .collect()
+    }
+
+    /// Reads and validates the policy file against this host's devices and
+    /// puts it in force.
+    pub fn load_policy(&self, path: &Path) -> Result<(), FileError> {
+        let loaded = Policy::load(path, Some(&self.device_uuids()))?;
+        for warning in &loaded.warnings {
+            tracing::warn!(file = %path.display(), "policy: {warning}");
+        }
+        tracing::info!(file = %path.display(), accounts = loaded.policy.accounts().count(), "policy in force");
+        self.sessions.set_policy(Arc::new(loaded.policy));
+        Ok(())
+    }
+
+    /// SIGHUP: a policy that fails validation leaves the one in force, and
+    /// says why.
+    pub async fn reload_policy(&self, path: &Path) {
+        match self.load_policy(path) {
+            Ok(()) => {
+                self.sessions.policy_reloaded(path).await;
+            }
+            Err(error) => tracing::error!(
+                error = %crate::error::chain(&error),
+                "policy reload refused; the previous policy stays in force"
+            ),
+        }
     }
 }

@@ -29,6 +29,10 @@ pub enum Unavailable {
     Unhealthy,
     /// A running container this agent does not know claims it.
     Foreign,
+    /// In an open reservation window of another org. The org is kept for
+    /// the agent's own logs and audit; refusals never name it, because it is
+    /// another customer.
+    Reserved { org: String },
 }
 
 /// Picks the devices for `selector` among `devices`, skipping `unavailable`
@@ -37,6 +41,20 @@ pub fn pick(
     devices: &[AssignableDevice],
     unavailable: &HashMap<DeviceUuid, Unavailable>,
     selector: &DeviceSelector,
+) -> Result<Vec<AssignableDevice>, Refusal> {
+    pick_preferring(devices, unavailable, selector, &HashSet::new())
+}
+
+/// Like [`pick`], but a launch that names a count rather than exact devices
+/// gets free devices in `preferred` first (the launching account's own
+/// reservations), so it uses what it already has paid for before taking
+/// devices others could use. Within each group the inventory order stands,
+/// so the choice stays stable. Exact selectors ignore `preferred`.
+pub fn pick_preferring(
+    devices: &[AssignableDevice],
+    unavailable: &HashMap<DeviceUuid, Unavailable>,
+    selector: &DeviceSelector,
+    preferred: &HashSet<DeviceUuid>,
 ) -> Result<Vec<AssignableDevice>, Refusal> {
     match selector {
         DeviceSelector::Exact(uuids) => pick_exact(devices, unavailable, uuids),
@@ -52,13 +70,14 @@ pub fn pick(
                 Some(model) => format!("full GPU of model `{model}`"),
                 None => "full GPU".to_owned(),
             };
-            pick_matching(devices, unavailable, *count, &what, matches)
+            pick_matching(devices, unavailable, preferred, *count, &what, matches)
         }
         DeviceSelector::Mig { profile, count } => {
             let matches = |d: &&AssignableDevice| d.mig_profile.as_deref() == Some(profile);
             pick_matching(
                 devices,
                 unavailable,
+                preferred,
                 *count,
                 &format!("MIG {profile} instance"),
                 matches,
@@ -70,6 +89,7 @@ pub fn pick(
 fn pick_matching(
     devices: &[AssignableDevice],
     unavailable: &HashMap<DeviceUuid, Unavailable>,
+    preferred: &HashSet<DeviceUuid>,
     count: u32,
     what: &str,
     matches: impl Fn(&&AssignableDevice) -> bool,
@@ -81,22 +101,34 @@ fn pick_matching(
             format!("this node has no {what}; ask GetInventory what it has"),
         ));
     }
-    let free: Vec<AssignableDevice> = candidates
-        .iter()
+    let (first, rest): (Vec<&AssignableDevice>, Vec<&AssignableDevice>) =
+        candidates.iter().partition(|d| preferred.contains(&d.uuid));
+    let free: Vec<AssignableDevice> = first
+        .into_iter()
+        .chain(rest)
         .filter(|d| !unavailable.contains_key(&d.uuid))
         .take(count as usize)
-        .map(|d| (*d).clone())
+        .cloned()
         .collect();
     if free.len() < count as usize {
         let unhealthy = candidates
             .iter()
             .filter(|d| unavailable.get(&d.uuid) == Some(&Unavailable::Unhealthy))
             .count();
+        let reserved = candidates
+            .iter()
+            .filter(|d| matches!(unavailable.get(&d.uuid), Some(Unavailable::Reserved { .. })))
+            .count();
+        let reserved_note = if reserved > 0 {
+            format!(", {reserved} reserved for another organisation")
+        } else {
+            String::new()
+        };
         return Err(Refusal::new(
             Reason::NoFreeDevices,
             format!(
-                "{count} {what}(s) asked for, {} free of {} on this node ({unhealthy} unhealthy); \
-                 ask for fewer or try another node",
+                "{count} {what}(s) asked for, {} free of {} on this node \
+                 ({unhealthy} unhealthy{reserved_note}); ask for fewer or try another node",
                 free.len(),
                 candidates.len()
             ),
@@ -139,6 +171,16 @@ fn pick_exact(
                 )
                 .with("device_uuid", uuid.as_str()));
             }
+            Some(Unavailable::Reserved { .. }) => {
+                return Err(Refusal::new(
+                    Reason::DeviceReserved,
+                    format!(
+                        "{uuid} is reserved for another organisation in this reservation window; \
+                         pick another device or launch after the window ends"
+                    ),
+                )
+                .with("device_uuid", uuid.as_str()));
+            }
             Some(Unavailable::Held | Unavailable::Foreign) => {
                 return Err(Refusal::new(
                     Reason::NoFreeDevices,
@@ -174,6 +216,12 @@ mod tests {
     const GPU2: &str = "GPU-faba74c6-7dc9-4bfd-ab4e-85cb4d26fa32";
     const GPU3: &str = "GPU-1088c26b-51c8-423d-a0f1-df76cdf8be11";
     const MIG_PARENT: &str = "GPU-b644960d-a808-45b0-b4e1-f6add005db2d";
+    const GPU5: &str = "GPU-539b7fc3-164a-4bf5-a24e-4077c908e67f";
+    const GPU7: &str = "GPU-6a5da790-0728-45bf-9407-3e280f594b6d";
+
+    fn reserved_by(org: &str) -> Unavailable {
+        Unavailable::Reserved { org: org.into() }
+    }
 
     #[test]
     fn full_gpus_are_taken_in_index_order_skipping_taken_ones() {
@@ -319,5 +367,126 @@ mod tests {
             reason(pick(&devices, &sick, &exact(&[GPU2]))),
             Reason::DeviceUnhealthy
         );
+    }
+
+    #[test]
+    fn preferred_devices_are_taken_first_then_inventory_order() {
+        let devices = dgx();
+        let none = HashMap::new();
+        let two = DeviceSelector::Gpus {
+            count: 2,
+            model: None,
+        };
+        let preferred = HashSet::from([DeviceUuid::new(GPU7), DeviceUuid::new(GPU5)]);
+        let picked = pick_preferring(&devices, &none, &two, &preferred).unwrap();
+        // Both preferred, in inventory order among themselves.
+        assert_eq!(uuids(&picked), [GPU5, GPU7]);
+
+        let three = DeviceSelector::Gpus {
+            count: 3,
+            model: None,
+        };
+        let only_seven = HashSet::from([DeviceUuid::new(GPU7)]);
+        let picked = pick_preferring(&devices, &none, &three, &only_seven).unwrap();
+        assert_eq!(uuids(&picked), [GPU7, GPU2, GPU3]);
+
+        // A preferred device that is taken is skipped like any other.
+        let held = HashMap::from([(DeviceUuid::new(GPU7), Unavailable::Held)]);
+        let picked = pick_preferring(&devices, &held, &two, &only_seven).unwrap();
+        assert_eq!(uuids(&picked), [GPU2, GPU3]);
+
+        // A preferred device that does not match the selector is not taken.
+        let mig = DeviceSelector::Mig {
+            profile: "1g.10gb".into(),
+            count: 1,
+        };
+        let picked = pick_preferring(&devices, &none, &mig, &only_seven).unwrap();
+        assert_eq!(picked[0].mig_profile.as_deref(), Some("1g.10gb"));
+    }
+
+    #[test]
+    fn pick_is_pick_preferring_nothing() {
+        let devices = dgx();
+        let none = HashMap::new();
+        let selector = DeviceSelector::Gpus {
+            count: 6,
+            model: None,
+        };
+        assert_eq!(
+            pick(&devices, &none, &selector).unwrap(),
+            pick_preferring(&devices, &none, &selector, &HashSet::new()).unwrap()
+        );
+    }
+
+    #[test]
+    fn exact_selectors_ignore_preference_order() {
+        let devices = dgx();
+        let none = HashMap::new();
+        let exact = DeviceSelector::Exact(vec![DeviceUuid::new(GPU3), DeviceUuid::new(GPU7)]);
+        let preferred = HashSet::from([DeviceUuid::new(GPU7)]);
+        let picked = pick_preferring(&devices, &none, &exact, &preferred).unwrap();
+        assert_eq!(uuids(&picked), [GPU3, GPU7]);
+    }
+
+    #[test]
+    fn an_exact_reserved_device_is_device_reserved_without_naming_the_org() {
+        let devices = dgx();
+        let reserved = HashMap::from([(DeviceUuid::new(GPU7), reserved_by("acme"))]);
+        let refusal = pick(
+            &devices,
+            &reserved,
+            &DeviceSelector::Exact(vec![DeviceUuid::new(GPU7)]),
+        )
+        .unwrap_err();
+        assert_eq!(refusal.reason, Reason::DeviceReserved);
+        assert!(refusal.message.contains(GPU7), "{}", refusal.message);
+        assert!(
+            refusal
+                .message
+                .contains("reserved for another organisation"),
+            "{}",
+            refusal.message
+        );
+        assert!(!refusal.message.contains("acme"), "{}", refusal.message);
+        assert!(
+            refusal
+                .metadata
+                .iter()
+                .all(|(_, value)| !value.contains("acme"))
+        );
+    }
+
+    #[test]
+    fn reserved_devices_are_not_free_for_counted_selectors() {
+        let devices = dgx();
+        let reserved = HashMap::from([(DeviceUuid::new(GPU7), reserved_by("acme"))]);
+        let five = DeviceSelector::Gpus {
+            count: 5,
+            model: None,
+        };
+        let picked = pick(&devices, &reserved, &five).unwrap();
+        assert!(!uuids(&picked).contains(&GPU7));
+
+        let six = DeviceSelector::Gpus {
+            count: 6,
+            model: None,
+        };
+        // Being preferred does not make a reserved device free.
+        let preferred = HashSet::from([DeviceUuid::new(GPU7)]);
+        let refusal = pick_preferring(&devices, &reserved, &six, &preferred).unwrap_err();
+        assert_eq!(refusal.reason, Reason::NoFreeDevices);
+        assert!(
+            refusal.message.contains("5 free of 6"),
+            "{}",
+            refusal.message
+        );
+        assert!(
+            refusal
+                .message
+                .contains("1 reserved for another organisation"),
+            "{}",
+            refusal.message
+        );
+        assert!(!refusal.message.contains("acme"), "{}", refusal.message);
     }
 }

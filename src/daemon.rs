@@ -15,13 +15,16 @@ use tracing::Instrument as _;
 use crate::agent::Agent;
 use crate::api::server::{self, ApiError};
 use crate::clock::SystemClock;
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::error::Refusal;
 use crate::gpu::{self, GpuError};
 use crate::ledger::{Ledger, LedgerError};
 use crate::runtime::RuntimeError;
 use crate::runtime::docker::DockerRuntime;
+use crate::events::EventBus;
+use crate::policy::Policy;
 use crate::session::manager::{SessionManager, SessionSettings};
+use crate::toml_file::FileError;
 
 /// How long in-flight requests get to finish after a stop signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,6 +42,9 @@ pub enum DaemonError {
     /// The first reconcile with the engine failed.
     #[error("cannot reconcile the ledger with the container engine: {0}")]
     Reconcile(Refusal),
+    /// The policy file cannot be used.
+    #[error(transparent)]
+    Policy(#[from] FileError),
     /// The signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
@@ -49,7 +55,7 @@ impl DaemonError {
     /// (a restart alone will not help).
     pub fn is_config_problem(&self) -> bool {
         match self {
-            Self::Gpu(GpuError::Fixture(_)) => true,
+            Self::Gpu(GpuError::Fixture(_)) | Self::Policy(_) => true,
             Self::Api(api) => api.is_config_problem(),
             _ => false,
         }
@@ -70,6 +76,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ledger,
         runtime,
         Arc::new(SystemClock),
+        // Until the file is read against the discovered devices below.
+        Arc::new(Policy::empty()),
+        Arc::new(EventBus::new()),
     ));
     // Adopt what kept running while the agent was away, close what ended.
     sessions
@@ -78,9 +87,20 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .map_err(DaemonError::Reconcile)?;
     let agent =
         Arc::new(Agent::start(config.node_id.clone(), backend, Arc::clone(&sessions)).await?);
+    let policy_file = match &config.mode {
+        Mode::Standalone { policy_file } => policy_file.clone(),
+        Mode::ControlPlane(_) => None,
+    };
+    match &policy_file {
+        Some(path) => agent.load_policy(path)?,
+        None => tracing::warn!(
+            "no policy file ([policy] file): no account is known, so every launch is refused with UNKNOWN_ACCOUNT"
+        ),
+    }
     let api = server::bind(&config.api).await?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
 
     // Spawn.
     let shutdown = CancellationToken::new();
@@ -98,10 +118,16 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     );
     tracing::info!(node_id = %config.node_id, "gpuwarden is ready");
 
-    // Wait for the one stop signal, then drain within a bound.
-    let signal_name = tokio::select! {
-        _ = sigterm.recv() => "SIGTERM",
-        _ = sigint.recv() => "SIGINT",
+    // Reload on SIGHUP until the one stop signal, then drain within a bound.
+    let signal_name = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            _ = sighup.recv() => match &policy_file {
+                Some(path) => agent.reload_policy(path).await,
+                None => tracing::info!("SIGHUP: no policy file to reload"),
+            },
+        }
     };
     tracing::info!(
         signal = signal_name,

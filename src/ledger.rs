@@ -8,7 +8,7 @@
 //! SQLite calls block (an fsync per commit); async code reaches them through
 //! [`Ledger::call`] only, which runs them on tokio's blocking pool.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -20,7 +20,7 @@ use crate::gpu::{AssignableDevice, DeviceUuid, GpuWeight};
 use crate::metering::{self, Credits, MeteredDevice, Rate};
 use crate::session::{
     BillingPath, EndReason, Principal, PrincipalKind, RecordedUsage, Scope, SessionId,
-    SessionRecord, SessionState,
+    SessionRecord, SessionState, text_enum,
 };
 
 pub const FILE_NAME: &str = "ledger.db";
@@ -94,6 +94,145 @@ pub enum BeginError {
     Ledger(#[from] LedgerError),
 }
 
+/// What a launch is admitted on: the ledger's state inside the transaction
+/// that records the launch.
+#[derive(Debug, Clone, Default)]
+pub struct LedgerView {
+    /// Devices held by open sessions.
+    pub held: HashMap<DeviceUuid, SessionId>,
+    /// Open sessions (STARTING, RUNNING, STOPPING).
+    pub open: Vec<OpenSessionRow>,
+    /// What the ledger moved on each account since its opening balance.
+    pub balance_deltas: HashMap<String, Credits>,
+}
+
+impl LedgerView {
+    pub fn balance_delta(&self, account: &str) -> Credits {
+        self.balance_deltas.get(account).copied().unwrap_or_default()
+    }
+}
+
+/// An open session as admission counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenSessionRow {
+    pub id: SessionId,
+    pub scope: Scope,
+    pub account_id: String,
+    pub billed_account_id: String,
+    pub billing_path: BillingPath,
+    pub devices: Vec<DeviceUuid>,
+}
+
+/// What admission decided for a launch.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub devices: Vec<(AssignableDevice, Rate)>,
+    pub billed_account_id: String,
+    pub billing_path: BillingPath,
+}
+
+text_enum!(
+    /// What an audit entry records.
+    AuditAction {
+        Launch = "launch",
+        Refuse = "refuse",
+        Stop = "stop",
+        End = "end",
+        AdjustBalance = "adjust_balance",
+        Drain = "drain",
+        Undrain = "undrain",
+        PolicyReload = "policy_reload",
+    }
+);
+
+/// Who did what an audit entry records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// A user or service account, under its own id.
+    Principal(Principal),
+    /// The local operator (the Unix socket).
+    Operator,
+    /// The agent itself (a balance run out, a reservation window opened).
+    Agent,
+}
+
+impl Actor {
+    fn columns(&self) -> (&str, &str) {
+        match self {
+            Self::Principal(principal) => (&principal.subject, principal.kind.as_str()),
+            Self::Operator => ("operator", "operator"),
+            Self::Agent => ("agent", "agent"),
+        }
+    }
+
+    fn from_columns(actor: String, kind: &str) -> Result<Self, String> {
+        Ok(match kind {
+            "operator" => Self::Operator,
+            "agent" => Self::Agent,
+            kind => Self::Principal(Principal {
+                subject: actor,
+                kind: parsed("actor kind", kind, PrincipalKind::parse)?,
+            }),
+        })
+    }
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.columns().0)
+    }
+}
+
+/// One line of the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub at: UnixNanos,
+    pub action: AuditAction,
+    pub actor: Actor,
+    pub account_id: String,
+    pub session_id: String,
+    /// The refusal's reason or the end reason.
+    pub reason: String,
+    pub detail: String,
+}
+
+/// An audit line as stored, with its id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub record: AuditRecord,
+}
+
+/// Which audit lines to read: most recent first.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub account_id: Option<String>,
+    pub since: Option<UnixNanos>,
+    pub limit: u32,
+}
+
+/// A top-up or correction of an account's balance.
+#[derive(Debug, Clone)]
+pub struct Adjustment {
+    pub account_id: String,
+    pub delta: Credits,
+    pub reason: String,
+    pub actor: Actor,
+    pub at: UnixNanos,
+}
+
+/// One aggregate of usage records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageTotal {
+    pub account_id: String,
+    pub scope: Scope,
+    pub billing_path: BillingPath,
+    pub device_class: String,
+    pub device_ms: i64,
+    pub gpu_seconds: f64,
+    pub cost: Credits,
+}
+
 /// Which sessions to list.
 #[derive(Debug, Clone, Default)]
 pub struct SessionFilter {
@@ -164,6 +303,35 @@ CREATE TABLE IF NOT EXISTS usage_records (
     delivered_at_ns   INTEGER
 );
 CREATE INDEX IF NOT EXISTS usage_session ON usage_records(session_id);
+CREATE INDEX IF NOT EXISTS usage_period_end ON usage_records(period_end_ns);
+-- What the ledger has moved on each account since the policy's opening
+-- balance: debits of balance-billed usage (written with the usage record,
+-- in its transaction) and adjustments. Balance = opening + delta.
+CREATE TABLE IF NOT EXISTS account_balances (
+    account_id TEXT PRIMARY KEY,
+    delta_nano INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS balance_adjustments (
+    id         TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    delta_nano INTEGER NOT NULL,
+    reason     TEXT NOT NULL,
+    actor      TEXT NOT NULL,
+    at_ns      INTEGER NOT NULL
+);
+-- Who launched, stopped, adjusted, was refused, and why.
+CREATE TABLE IF NOT EXISTS audit (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ns      INTEGER NOT NULL,
+    action     TEXT NOT NULL,
+    actor      TEXT NOT NULL,
+    actor_kind TEXT NOT NULL,
+    account_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    detail     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_account ON audit(account_id, id);
 CREATE INDEX IF NOT EXISTS usage_undelivered ON usage_records(delivered_at_ns) WHERE delivered_at_ns IS NULL;
 "#;
 
@@ -227,21 +395,34 @@ impl Ledger {
     }
 
     /// In one transaction: returns the session of `new.request_id` if there
-    /// is one; otherwise asks `pick` for devices given those held by open
-    /// sessions, records the session (STARTING) and its holds.
-    pub async fn begin_session<P>(&self, new: NewSession, pick: P) -> Result<Begun, BeginError>
+    /// is one; otherwise shows `admit` what is open and what balances moved
+    /// (the [`LedgerView`]), and records what it admits: the session
+    /// (STARTING), its device holds and the launch's audit entry. Two
+    /// launches are never admitted on the same view.
+    pub async fn begin_session<P>(&self, new: NewSession, admit: P) -> Result<Begun, BeginError>
     where
-        P: FnOnce(&HashSet<DeviceUuid>) -> Result<Vec<(AssignableDevice, Rate)>, Refusal>
-            + Send
-            + 'static,
+        P: FnOnce(&LedgerView) -> Result<Admitted, Refusal> + Send + 'static,
     {
         self.call_with(move |connection| {
             let tx = connection.transaction()?;
             if let Some(existing) = session_by(&tx, "request_id", &new.request_id)? {
                 return Ok(Begun::Existing(existing));
             }
-            let held = held_devices(&tx)?.into_keys().collect();
-            let devices = pick(&held).map_err(Outcome::Other)?;
+            let view = LedgerView {
+                held: held_devices(&tx)?,
+                open: open_sessions(&tx)?,
+                balance_deltas: balance_deltas(&tx)?,
+            };
+            let Admitted {
+                devices,
+                billed_account_id,
+                billing_path,
+            } = admit(&view).map_err(Outcome::Other)?;
+            let new = NewSession {
+                billed_account_id,
+                billing_path,
+                ..new
+            };
             tx.execute(
                 &format!("INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, 'starting', ?10, ?11, NULL, NULL, NULL, NULL, '')"),
                 params![
@@ -279,6 +460,18 @@ impl Ledger {
             }
             let record = session_by(&tx, "id", &new.id.0)?
                 .ok_or_else(|| Outcome::Corrupt(format!("session {} vanished", new.id)))?;
+            insert_audit(
+                &tx,
+                &AuditRecord {
+                    at: new.created_at,
+                    action: AuditAction::Launch,
+                    actor: Actor::Principal(new.owner.clone()),
+                    account_id: new.account_id.clone(),
+                    session_id: new.id.0.clone(),
+                    reason: String::new(),
+                    detail: format!("request {} devices {}", new.request_id, record.device_list()),
+                },
+            )?;
             tx.commit()?;
             Ok(Begun::Created(record))
         })
@@ -308,12 +501,14 @@ impl Ledger {
         .await
     }
 
-    pub async fn mark_stopping(&self, id: &SessionId) -> Result<(), LedgerError> {
+    /// A stop began, for `reason`: kept so that whoever sees the container
+    /// die (the stop itself, Docker's event, a reconcile) ends it so.
+    pub async fn mark_stopping(&self, id: &SessionId, reason: EndReason) -> Result<(), LedgerError> {
         let id = id.0.clone();
         self.transaction(move |tx| {
             tx.execute(
-                "UPDATE sessions SET state = 'stopping' WHERE id = ?1 AND state = 'running'",
-                params![id],
+                "UPDATE sessions SET state = 'stopping', end_reason = ?2 WHERE id = ?1 AND state = 'running'",
+                params![id, reason.as_str()],
             )?;
             Ok(())
         })
@@ -416,6 +611,163 @@ impl Ledger {
         .await
     }
 
+    /// What the ledger moved on `account` since its opening balance.
+    pub async fn balance_delta(&self, account: &str) -> Result<Credits, LedgerError> {
+        let account = account.to_owned();
+        self.transaction(move |tx| account_delta(tx, &account)).await
+    }
+
+    /// What the ledger moved on every account it moved.
+    pub async fn balance_deltas(&self) -> Result<HashMap<String, Credits>, LedgerError> {
+        self.transaction(balance_deltas).await
+    }
+
+    /// Records a top-up (or correction) and its audit entry in one
+    /// transaction; returns the adjustment's id and the account's new delta.
+    pub async fn adjust_balance(
+        &self,
+        adjustment: Adjustment,
+    ) -> Result<(String, Credits), LedgerError> {
+        self.transaction(move |tx| {
+            let id = format!("adj-{}", uuid::Uuid::new_v4().simple());
+            tx.execute(
+                "INSERT INTO balance_adjustments (id, account_id, delta_nano, reason, actor, at_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    id,
+                    adjustment.account_id,
+                    adjustment.delta.0,
+                    adjustment.reason,
+                    adjustment.actor.to_string(),
+                    adjustment.at.0,
+                ],
+            )?;
+            move_balance(tx, &adjustment.account_id, adjustment.delta)?;
+            insert_audit(
+                tx,
+                &AuditRecord {
+                    at: adjustment.at,
+                    action: AuditAction::AdjustBalance,
+                    actor: adjustment.actor.clone(),
+                    account_id: adjustment.account_id.clone(),
+                    session_id: String::new(),
+                    reason: String::new(),
+                    detail: format!("{} {:+} credits: {}", id, adjustment.delta.as_f64(), adjustment.reason),
+                },
+            )?;
+            Ok((id, account_delta(tx, &adjustment.account_id)?))
+        })
+        .await
+    }
+
+    /// Appends one line to the audit trail.
+    pub async fn audit(&self, record: AuditRecord) -> Result<(), LedgerError> {
+        self.transaction(move |tx| insert_audit(tx, &record)).await
+    }
+
+    /// Reads the audit trail, most recent first.
+    pub async fn list_audit(&self, filter: AuditFilter) -> Result<Vec<AuditEntry>, LedgerError> {
+        self.transaction(move |tx| {
+            let mut statement = tx.prepare(
+                "SELECT id, at_ns, action, actor, actor_kind, account_id, session_id, reason, detail
+                 FROM audit
+                 WHERE (?1 IS NULL OR account_id = ?1) AND at_ns >= ?2
+                 ORDER BY id DESC LIMIT ?3",
+            )?;
+            let rows = statement.query_map(
+                params![
+                    filter.account_id,
+                    filter.since.map_or(i64::MIN, |t| t.0),
+                    i64::from(filter.limit),
+                ],
+                |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, i64>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get::<_, String>(3)?,
+                        row.get::<_, String>(4)?,
+                        row.get::<_, String>(5)?,
+                        row.get::<_, String>(6)?,
+                        row.get::<_, String>(7)?,
+                        row.get::<_, String>(8)?,
+                    ))
+                },
+            )?;
+            let mut entries = Vec::new();
+            for row in rows {
+                let (id, at, action, actor, kind, account_id, session_id, reason, detail) = row?;
+                let record = (|| {
+                    Ok::<_, String>(AuditRecord {
+                        at: UnixNanos(at),
+                        action: parsed("audit action", &action, AuditAction::parse)?,
+                        actor: Actor::from_columns(actor, &kind)?,
+                        account_id,
+                        session_id,
+                        reason,
+                        detail,
+                    })
+                })()
+                .map_err(Outcome::Corrupt)?;
+                entries.push(AuditEntry { id, record });
+            }
+            Ok(entries)
+        })
+        .await
+    }
+
+    /// Usage records of sessions launched under `accounts` whose period
+    /// ends in `(from, to]`, summed by account, scope, billing path and
+    /// device class. A record belongs to the period its end falls in, so
+    /// adjacent periods never count a record twice.
+    pub async fn usage(
+        &self,
+        accounts: Vec<String>,
+        from: UnixNanos,
+        to: UnixNanos,
+    ) -> Result<Vec<UsageTotal>, LedgerError> {
+        self.transaction(move |tx| {
+            let mut statement = tx.prepare_cached(
+                "SELECT s.account_id, s.scope, s.billing_path, u.device_class,
+                        SUM(u.device_ms), SUM(u.gpu_seconds), SUM(u.cost_nano)
+                 FROM usage_records u JOIN sessions s ON s.id = u.session_id
+                 WHERE s.account_id = ?1 AND u.period_end_ns > ?2 AND u.period_end_ns <= ?3
+                 GROUP BY s.account_id, s.scope, s.billing_path, u.device_class
+                 ORDER BY s.account_id, s.scope, s.billing_path, u.device_class",
+            )?;
+            let mut totals = Vec::new();
+            for account in &accounts {
+                let rows = statement.query_map(params![account, from.0, to.0], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get::<_, String>(3)?,
+                        row.get::<_, i64>(4)?,
+                        row.get::<_, f64>(5)?,
+                        row.get::<_, i64>(6)?,
+                    ))
+                })?;
+                for row in rows {
+                    let (account_id, scope, path, device_class, device_ms, gpu_seconds, cost) =
+                        row?;
+                    totals.push(UsageTotal {
+                        account_id,
+                        scope: parsed("scope", &scope, Scope::parse).map_err(Outcome::Corrupt)?,
+                        billing_path: parsed("billing path", &path, BillingPath::parse)
+                            .map_err(Outcome::Corrupt)?,
+                        device_class,
+                        device_ms,
+                        gpu_seconds,
+                        cost: Credits(cost),
+                    });
+                }
+            }
+            Ok(totals)
+        })
+        .await
+    }
+
     /// Devices held by open sessions.
     pub async fn holds(&self) -> Result<HashMap<DeviceUuid, SessionId>, LedgerError> {
         self.transaction(held_devices).await
@@ -506,7 +858,98 @@ fn write_cut<E>(
         "UPDATE sessions SET metered_until_ns = ?2 WHERE id = ?1",
         params![session.id.0, to.0],
     )?;
+    // The debit goes with the record it pays for: one transaction.
+    // Reservation usage is metered, never debited.
+    if session.billing_path == BillingPath::Balance {
+        let cost: Credits = cuts.iter().map(|cut| cut.cost).sum();
+        if cost != Credits::ZERO {
+            move_balance(tx, &session.billed_account_id, -cost)?;
+        }
+    }
     Ok(cuts.len())
+}
+
+fn move_balance<E>(tx: &Transaction<'_>, account: &str, delta: Credits) -> Result<(), Outcome<E>> {
+    tx.execute(
+        "INSERT INTO account_balances (account_id, delta_nano) VALUES (?1, ?2)
+         ON CONFLICT (account_id) DO UPDATE SET delta_nano = delta_nano + excluded.delta_nano",
+        params![account, delta.0],
+    )?;
+    Ok(())
+}
+
+fn account_delta<E>(tx: &Transaction<'_>, account: &str) -> Result<Credits, Outcome<E>> {
+    let delta: Option<i64> = tx
+        .query_row(
+            "SELECT delta_nano FROM account_balances WHERE account_id = ?1",
+            params![account],
+            |row| row.get(0),
+        )
+        .optional()?;
+    Ok(Credits(delta.unwrap_or(0)))
+}
+
+fn balance_deltas<E>(tx: &Transaction<'_>) -> Result<HashMap<String, Credits>, Outcome<E>> {
+    let mut statement = tx.prepare_cached("SELECT account_id, delta_nano FROM account_balances")?;
+    let deltas = statement
+        .query_map([], |row| Ok((row.get::<_, String>(0)?, Credits(row.get(1)?))))?
+        .collect::<Result<HashMap<_, _>, _>>()?;
+    Ok(deltas)
+}
+
+fn open_sessions<E>(tx: &Transaction<'_>) -> Result<Vec<OpenSessionRow>, Outcome<E>> {
+    let mut statement = tx.prepare_cached(
+        "SELECT id, scope, account_id, billed_account_id, billing_path FROM sessions WHERE state != 'ended' ORDER BY created_at_ns, id",
+    )?;
+    let rows = statement
+        .query_map([], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, String>(3)?,
+                row.get::<_, String>(4)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut devices = tx.prepare_cached(
+        "SELECT device_uuid FROM session_devices WHERE session_id = ?1 ORDER BY position",
+    )?;
+    let mut open = Vec::with_capacity(rows.len());
+    for (id, scope, account_id, billed_account_id, path) in rows {
+        let uuids = devices
+            .query_map(params![id], |row| Ok(DeviceUuid::new(row.get::<_, String>(0)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        open.push(OpenSessionRow {
+            id: SessionId(id),
+            scope: parsed("scope", &scope, Scope::parse).map_err(Outcome::Corrupt)?,
+            account_id,
+            billed_account_id,
+            billing_path: parsed("billing path", &path, BillingPath::parse)
+                .map_err(Outcome::Corrupt)?,
+            devices: uuids,
+        });
+    }
+    Ok(open)
+}
+
+fn insert_audit<E>(tx: &Transaction<'_>, record: &AuditRecord) -> Result<(), Outcome<E>> {
+    let (actor, kind) = record.actor.columns();
+    tx.execute(
+        "INSERT INTO audit (at_ns, action, actor, actor_kind, account_id, session_id, reason, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            record.at.0,
+            record.action.as_str(),
+            actor,
+            kind,
+            record.account_id,
+            record.session_id,
+            record.reason,
+            record.detail,
+        ],
+    )?;
+    Ok(())
 }
 
 fn held_devices<E>(tx: &Transaction<'_>) -> Result<HashMap<DeviceUuid, SessionId>, Outcome<E>> {

@@ -1,17 +1,18 @@
 //! The `gpuwarden` command: the daemon, its config check, a one-shot
 //! inventory, and `ctl` to talk to a running daemon.
 
+use std::collections::HashSet;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use gpuwarden::api::{client, status};
 use gpuwarden::config::{Config, DEFAULT_UNIX_SOCKET, GpuSource, Mode};
-use gpuwarden::gpu;
+use gpuwarden::gpu::{self, DeviceUuid};
+use gpuwarden::policy::Policy;
 use gpuwarden::inventory::InventoryView;
 use gpuwarden::logging::{self, LogFormat};
 use gpuwarden::proto;
@@ -73,6 +74,15 @@ enum Command {
 enum CtlCommand {
     /// The daemon's devices, their health and the sessions holding them.
     Inventory,
+    /// Who launched, stopped, adjusted, was refused, and why; newest first.
+    Audit {
+        /// Only entries about this account.
+        #[arg(long, value_name = "ID")]
+        account: Option<String>,
+        /// How many entries at most.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }
 
 /// A failure and the exit code it deserves.
@@ -151,17 +161,24 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
 /// without binding sockets or touching containers.
 async fn check_config(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    let gpus = match &config.gpu.source {
+    // The simulated host's devices check the policy's reservations; NVML's
+    // are only known to the daemon.
+    let (gpus, host_devices) = match &config.gpu.source {
         GpuSource::Simulated { fixture } => {
             let scan = gpu::simulated::load_fixture(fixture)?;
-            format!(
-                "simulated host {} ({} GPUs, {} assignable devices)",
-                fixture.display(),
-                scan.gpus.len(),
-                scan.assignable().len()
+            let devices: HashSet<DeviceUuid> =
+                scan.assignable().into_iter().map(|d| d.uuid).collect();
+            (
+                format!(
+                    "simulated host {} ({} GPUs, {} assignable devices)",
+                    fixture.display(),
+                    scan.gpus.len(),
+                    devices.len()
+                ),
+                Some(devices),
             )
         }
-        GpuSource::Nvml { .. } => "NVML (checked when the daemon starts)".to_owned(),
+        GpuSource::Nvml { .. } => ("NVML (checked when the daemon starts)".to_owned(), None),
     };
     if let Some(tcp) = &config.api.tcp {
         gpuwarden::api::server::check_tls(&tcp.tls).await?;
@@ -170,11 +187,20 @@ async fn check_config(path: &Path) -> anyhow::Result<()> {
         Mode::Standalone {
             policy_file: Some(policy),
         } => {
-            std::fs::metadata(policy)
-                .with_context(|| format!("policy.file {}", policy.display()))?;
-            format!("standalone, policy {}", policy.display())
+            let loaded = Policy::load(policy, host_devices.as_ref())?;
+            let mut line = format!(
+                "standalone, policy {} ({} accounts)",
+                policy.display(),
+                loaded.policy.accounts().count()
+            );
+            for warning in loaded.warnings {
+                line.push_str(&format!("\n  warning: {warning}"));
+            }
+            line
         }
-        Mode::Standalone { policy_file: None } => "standalone, no policy file".to_owned(),
+        Mode::Standalone { policy_file: None } => {
+            "standalone, no policy file: every launch is refused (UNKNOWN_ACCOUNT)".to_owned()
+        }
         Mode::ControlPlane(cp) => format!("control plane {}", cp.endpoint),
     };
     write_stdout(&format!(
@@ -221,7 +247,69 @@ async fn ctl(socket: &Path, json: bool, command: CtlCommand) -> Result<(), Failu
                 .into_inner();
             print_inventory(&InventoryView::try_from(inventory)?, json)
         }
+        CtlCommand::Audit { account, limit } => {
+            let entries = agent
+                .list_audit(proto::ListAuditRequest {
+                    account_id: account.unwrap_or_default(),
+                    since: None,
+                    limit,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .entries;
+            print_audit(&entries, json)
+        }
     }
+}
+
+fn print_audit(entries: &[proto::AuditEntry], json: bool) -> Result<(), Failure> {
+    let when = |entry: &proto::AuditEntry| {
+        entry
+            .at
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .map(|t| humantime::format_rfc3339_millis(t).to_string())
+            .unwrap_or_default()
+    };
+    let text = if json {
+        let rows: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|entry| {
+                serde_json::json!({
+                    "id": entry.id,
+                    "at": when(entry),
+                    "action": entry.action,
+                    "actor": entry.actor,
+                    "account_id": entry.account_id,
+                    "session_id": entry.session_id,
+                    "reason": entry.reason,
+                    "detail": entry.detail,
+                })
+            })
+            .collect();
+        let mut text = serde_json::to_string_pretty(&rows)?;
+        text.push('\n');
+        text
+    } else {
+        let mut text = format!(
+            "{:<24}  {:<14}  {:<12}  {:<12}  {:<36}  {:<22}  {}\n",
+            "AT", "ACTION", "ACTOR", "ACCOUNT", "SESSION", "REASON", "DETAIL"
+        );
+        for entry in entries {
+            text.push_str(&format!(
+                "{:<24}  {:<14}  {:<12}  {:<12}  {:<36}  {:<22}  {}\n",
+                when(entry),
+                entry.action,
+                entry.actor,
+                entry.account_id,
+                entry.session_id,
+                entry.reason,
+                entry.detail
+            ));
+        }
+        text
+    };
+    Ok(write_stdout(&text)?)
 }
 
 /// A status from the agent, as the user should read it: the reason first.

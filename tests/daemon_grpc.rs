@@ -112,7 +112,7 @@ async fn rpcs_not_built_yet_answer_unimplemented() {
     let mut daemon = Daemon::start("sim-h100-pair.toml", "");
     let mut client = daemon.client().await;
     let status = client
-        .get_usage(proto::GetUsageRequest::default())
+        .rescan_inventory(proto::RescanInventoryRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);

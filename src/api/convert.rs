@@ -8,6 +8,10 @@ use crate::error::{Reason, Refusal};
 use crate::gpu::{BackendKind, DeviceUuid};
 use crate::inventory::{DeviceKind, DeviceView, Health, InventoryView};
 use crate::proto;
+use crate::events::{BalanceNotice, Event, EventKind};
+use crate::ledger::{Actor, AuditEntry};
+use crate::metering::Credits;
+use crate::session::manager::UsageReport;
 use crate::session::request::{ContainerRequest, LaunchRequest, VolumeRequest};
 use crate::session::{
     BillingPath, EndReason, Principal, PrincipalKind, Scope, SessionRecord, SessionState,
@@ -256,7 +260,62 @@ pub fn session(record: &SessionRecord, now: UnixNanos) -> proto::Session {
         SessionState::Stopping => proto::SessionState::Stopping,
         SessionState::Ended => proto::SessionState::Ended,
     };
-    let end_reason = match record.end_reason {
+    proto::Session {
+        id: record.id.0.clone(),
+        request_id: record.request_id.clone(),
+        scope: scope_to_proto(record.scope),
+        account_id: record.account_id.clone(),
+        billed_account_id: record.billed_account_id.clone(),
+        owner: record.owner.subject.clone(),
+        owner_kind: principal_kind_to_proto(record.owner.kind),
+        device_uuids: record.devices.iter().map(|d| d.uuid.to_string()).collect(),
+        container_id: record.container_id.clone().unwrap_or_default(),
+        state: state.into(),
+        started_at: nanos_timestamp(record.started_at),
+        ended_at: nanos_timestamp(record.ended_at),
+        device_seconds,
+        gpu_seconds,
+        cost: credits(record.recorded.cost),
+        billing_path: billing_path_to_proto(record.billing_path),
+        end_reason: end_reason_to_proto(record.end_reason),
+        end_detail: record.end_detail.clone(),
+        node_id: record.node_id.clone(),
+        image: record.image.clone(),
+    }
+}
+
+fn credits(amount: Credits) -> Option<proto::Credits> {
+    Some(proto::Credits {
+        nano_credits: amount.0,
+    })
+}
+
+fn scope_to_proto(scope: Scope) -> i32 {
+    match scope {
+        Scope::Personal => proto::Scope::Personal,
+        Scope::Org => proto::Scope::Org,
+    }
+    .into()
+}
+
+fn billing_path_to_proto(path: BillingPath) -> i32 {
+    match path {
+        BillingPath::Balance => proto::BillingPath::Balance,
+        BillingPath::Reservation => proto::BillingPath::Reservation,
+    }
+    .into()
+}
+
+fn principal_kind_to_proto(kind: PrincipalKind) -> i32 {
+    match kind {
+        PrincipalKind::User => proto::PrincipalKind::User,
+        PrincipalKind::ServiceAccount => proto::PrincipalKind::ServiceAccount,
+    }
+    .into()
+}
+
+fn end_reason_to_proto(reason: Option<EndReason>) -> i32 {
+    match reason {
         None => proto::EndReason::Unspecified,
         Some(EndReason::Stopped) => proto::EndReason::Stopped,
         Some(EndReason::Exited) => proto::EndReason::Exited,
@@ -267,42 +326,114 @@ pub fn session(record: &SessionRecord, now: UnixNanos) -> proto::Session {
         Some(EndReason::ControlPlaneUnavailable) => proto::EndReason::ControlPlaneUnavailable,
         Some(EndReason::LaunchFailed) => proto::EndReason::LaunchFailed,
         Some(EndReason::DeviceLost) => proto::EndReason::DeviceLost,
+    }
+    .into()
+}
+
+/// A timestamp of a request as nanoseconds; unset is `default`.
+pub fn request_time(at: Option<prost_types::Timestamp>, default: UnixNanos) -> UnixNanos {
+    at.map_or(default, |t| {
+        UnixNanos(t.seconds.saturating_mul(1_000_000_000).saturating_add(i64::from(t.nanos)))
+    })
+}
+
+pub fn usage_report(report: &UsageReport) -> proto::UsageReport {
+    proto::UsageReport {
+        account_id: report.account_id.clone(),
+        from: nanos_timestamp(Some(report.from)),
+        to: nanos_timestamp(Some(report.to)),
+        lines: report
+            .lines
+            .iter()
+            .map(|line| proto::UsageLine {
+                account_id: line.account_id.clone(),
+                scope: scope_to_proto(line.scope),
+                billing_path: billing_path_to_proto(line.billing_path),
+                device_class: line.device_class.clone(),
+                device_seconds: line.device_ms as f64 / 1000.0,
+                gpu_seconds: line.gpu_seconds,
+                cost: credits(line.cost),
+            })
+            .collect(),
+        billed_account_id: report.billed_account_id.clone(),
+        balance: credits(report.balance),
+    }
+}
+
+pub fn audit_entry(entry: &AuditEntry) -> proto::AuditEntry {
+    let record = &entry.record;
+    let actor_kind = match &record.actor {
+        Actor::Principal(principal) => principal_kind_to_proto(principal.kind),
+        Actor::Operator | Actor::Agent => proto::PrincipalKind::Unspecified.into(),
     };
-    proto::Session {
-        id: record.id.0.clone(),
-        request_id: record.request_id.clone(),
-        scope: match record.scope {
-            Scope::Personal => proto::Scope::Personal,
-            Scope::Org => proto::Scope::Org,
-        }
-        .into(),
+    proto::AuditEntry {
+        id: u64::try_from(entry.id).unwrap_or_default(),
+        at: nanos_timestamp(Some(record.at)),
+        action: record.action.as_str().to_owned(),
+        actor: record.actor.to_string(),
+        actor_kind,
         account_id: record.account_id.clone(),
-        billed_account_id: record.billed_account_id.clone(),
-        owner: record.owner.subject.clone(),
-        owner_kind: match record.owner.kind {
-            PrincipalKind::User => proto::PrincipalKind::User,
-            PrincipalKind::ServiceAccount => proto::PrincipalKind::ServiceAccount,
-        }
-        .into(),
-        device_uuids: record.devices.iter().map(|d| d.uuid.to_string()).collect(),
-        container_id: record.container_id.clone().unwrap_or_default(),
-        state: state.into(),
-        started_at: nanos_timestamp(record.started_at),
-        ended_at: nanos_timestamp(record.ended_at),
-        device_seconds,
-        gpu_seconds,
-        cost: Some(proto::Credits {
-            nano_credits: record.recorded.cost.0,
+        session_id: record.session_id.clone(),
+        reason: record.reason.clone(),
+        detail: record.detail.clone(),
+    }
+}
+
+fn balance_event(notice: &BalanceNotice) -> proto::BalanceEvent {
+    proto::BalanceEvent {
+        account_id: notice.account_id.clone(),
+        balance: credits(notice.balance),
+        session_ids: notice.session_ids.iter().map(|id| id.0.clone()).collect(),
+        stop_at: nanos_timestamp(notice.stop_at),
+    }
+}
+
+pub fn event(event: &Event, now: UnixNanos) -> proto::Event {
+    use proto::event::Kind;
+    let kind = match &event.kind {
+        EventKind::SessionStarted(record) => Kind::SessionStarted(proto::SessionEvent {
+            session: Some(session(record, now)),
         }),
-        billing_path: match record.billing_path {
-            BillingPath::Balance => proto::BillingPath::Balance,
-            BillingPath::Reservation => proto::BillingPath::Reservation,
-        }
-        .into(),
-        end_reason: end_reason.into(),
-        end_detail: record.end_detail.clone(),
-        node_id: record.node_id.clone(),
-        image: record.image.clone(),
+        EventKind::SessionEnded(record) => Kind::SessionEnded(proto::SessionEvent {
+            session: Some(session(record, now)),
+        }),
+        EventKind::LaunchRefused {
+            request_id,
+            principal,
+            account_id,
+            reason,
+            message,
+        } => Kind::LaunchRefused(proto::LaunchRefused {
+            request_id: request_id.clone(),
+            principal: principal.as_ref().map(|p| proto::Principal {
+                subject: p.subject.clone(),
+                kind: principal_kind_to_proto(p.kind),
+            }),
+            account_id: account_id.clone(),
+            reason: reason.as_str().to_owned(),
+            message: message.clone(),
+        }),
+        EventKind::BalanceLow(notice) => Kind::BalanceLow(balance_event(notice)),
+        EventKind::BalanceExhausted(notice) => Kind::BalanceExhausted(balance_event(notice)),
+        EventKind::SessionStopScheduled {
+            session_id,
+            reason,
+            stop_at,
+            ..
+        } => Kind::SessionStopScheduled(proto::SessionStopScheduled {
+            session_id: session_id.0.clone(),
+            reason: end_reason_to_proto(Some(*reason)),
+            stop_at: nanos_timestamp(Some(*stop_at)),
+        }),
+        EventKind::DrainChanged { draining, reason } => Kind::DrainChanged(proto::DrainChanged {
+            draining: *draining,
+            reason: reason.clone(),
+        }),
+    };
+    proto::Event {
+        sequence: event.sequence,
+        at: nanos_timestamp(Some(event.at)),
+        kind: Some(kind),
     }
 }
 

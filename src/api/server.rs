@@ -166,7 +166,7 @@ impl BoundApi {
         shutdown: &CancellationToken,
         tasks: &TaskTracker,
     ) -> Result<(), ApiError> {
-        let node_agent = NodeAgentServer::new(NodeAgentService::new(agent));
+        let node_agent = NodeAgentServer::new(NodeAgentService::new(agent, shutdown.clone()));
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<NodeAgentServer<NodeAgentService>>()

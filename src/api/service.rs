@@ -2,14 +2,25 @@
 //! and results back; decisions live in the agent. RPCs whose behaviour has
 //! not landed answer UNIMPLEMENTED through the generated default methods.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::Stream;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use super::convert;
 use crate::agent::Agent;
+use crate::clock::UnixNanos;
+use crate::ledger::{Actor, AuditFilter};
+use crate::metering::Credits;
 use crate::error::{Reason, Refusal};
 use crate::proto;
 use crate::proto::node_agent_server::NodeAgent;
@@ -20,11 +31,14 @@ use crate::session::{Caller, SessionId};
 #[derive(Debug, Clone)]
 pub struct NodeAgentService {
     agent: Arc<Agent>,
+    /// Ends event streams when the agent stops, so the drain is not held
+    /// up by watchers.
+    shutdown: CancellationToken,
 }
 
 impl NodeAgentService {
-    pub fn new(agent: Arc<Agent>) -> Self {
-        Self { agent }
+    pub fn new(agent: Arc<Agent>, shutdown: CancellationToken) -> Self {
+        Self { agent, shutdown }
     }
 
     fn session(&self, record: &crate::session::SessionRecord) -> proto::Session {
@@ -125,12 +139,128 @@ impl NodeAgent for NodeAgentService {
         operator_only(&caller, "SetDrain")?;
         let drain = request.into_inner();
         let sessions = self.agent.sessions();
-        sessions.set_draining(drain.drain);
-        tracing::info!(draining = drain.drain, reason = %drain.reason, "drain changed");
+        sessions
+            .set_draining(drain.drain, drain.reason, Actor::Operator)
+            .await;
         let open = sessions.list(&caller, None, false).await?;
         Ok(Response::new(proto::SetDrainResponse {
             draining: drain.drain,
             running_sessions: u32::try_from(open.len()).unwrap_or(u32::MAX),
         }))
     }
+
+    async fn get_usage(
+        &self,
+        request: Request<proto::GetUsageRequest>,
+    ) -> Result<Response<proto::UsageReport>, Status> {
+        let caller = caller(&request, request.get_ref().principal.clone())?;
+        let usage = request.into_inner();
+        let sessions = self.agent.sessions();
+        let from = convert::request_time(usage.from, UnixNanos(0));
+        let to = convert::request_time(usage.to, sessions.now());
+        let report = sessions
+            .usage(&caller, &usage.account_id, from, to)
+            .await?;
+        Ok(Response::new(convert::usage_report(&report)))
+    }
+
+    async fn watch_events(
+        &self,
+        request: Request<proto::WatchEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let caller = caller(&request, request.get_ref().principal.clone())?;
+        let watch = request.into_inner();
+        let account = (!watch.account_id.is_empty()).then_some(watch.account_id);
+        let sessions = Arc::clone(self.agent.sessions());
+        let filter = sessions.event_filter(&caller, account)?;
+        let mut events = sessions.events().subscribe();
+        let shutdown = self.shutdown.clone();
+        let stream = async_stream_events(move |sender| async move {
+            loop {
+                let received = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    received = events.recv() => received,
+                };
+                let event = match received {
+                    Ok(event) => event,
+                    Err(RecvError::Lagged(missed)) => {
+                        let status = Status::data_loss(format!(
+                            "this watcher fell {missed} events behind and lost them; watch again"
+                        ));
+                        let _ = sender.send(Err(status)).await;
+                        return;
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                if !filter.admits(&event.kind) {
+                    continue;
+                }
+                if sender
+                    .send(Ok(convert::event(&event, sessions.now())))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn adjust_balance(
+        &self,
+        request: Request<proto::AdjustBalanceRequest>,
+    ) -> Result<Response<proto::AdjustBalanceResponse>, Status> {
+        let caller = caller(&request, None)?;
+        let adjust = request.into_inner();
+        let delta = Credits(adjust.delta.map(|d| d.nano_credits).unwrap_or_default());
+        let (adjustment_id, balance) = self
+            .agent
+            .sessions()
+            .adjust_balance(&caller, &adjust.account_id, delta, &adjust.reason)
+            .await?;
+        Ok(Response::new(proto::AdjustBalanceResponse {
+            account_id: adjust.account_id,
+            balance: Some(proto::Credits {
+                nano_credits: balance.0,
+            }),
+            adjustment_id,
+        }))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<proto::ListAuditRequest>,
+    ) -> Result<Response<proto::ListAuditResponse>, Status> {
+        let caller = caller(&request, None)?;
+        let list = request.into_inner();
+        let filter = AuditFilter {
+            account_id: (!list.account_id.is_empty()).then_some(list.account_id),
+            since: list.since.map(|t| convert::request_time(Some(t), UnixNanos(0))),
+            limit: match list.limit {
+                0 => 100,
+                limit => limit.min(10_000),
+            },
+        };
+        let entries = self.agent.sessions().audit_trail(&caller, filter).await?;
+        Ok(Response::new(proto::ListAuditResponse {
+            entries: entries.iter().map(convert::audit_entry).collect(),
+        }))
+    }
+}
+
+/// The stream type tonic's default-stub service trait fixes for
+/// server-streaming RPCs.
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send + 'static>>;
+
+/// A stream fed by `produce` through a small channel: the producer stops
+/// when the client goes away (its sends fail).
+fn async_stream_events<F, Fut>(produce: F) -> EventStream
+where
+    F: FnOnce(mpsc::Sender<Result<proto::Event, Status>>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (sender, receiver) = mpsc::channel(64);
+    tokio::spawn(produce(sender).instrument(tracing::info_span!("watch_events")));
+    Box::pin(ReceiverStream::new(receiver))
 }

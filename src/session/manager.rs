@@ -8,21 +8,27 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
 use super::request::LaunchPlan;
-use super::{Caller, EndReason, SessionId, SessionRecord, SessionState};
-use crate::allocation::{self, Unavailable};
+use super::{Caller, EndReason, Principal, SessionId, SessionRecord, SessionState};
+use crate::allocation::{self, DeviceSelector, Unavailable};
 use crate::clock::{Clock, UnixNanos};
 use crate::config::DeviceInjection;
 use crate::error::{Reason, Refusal};
 use crate::gpu::{AssignableDevice, DeviceUuid};
-use crate::ledger::{BeginError, Begun, Ledger, NewSession, SessionFilter};
-use crate::metering::Rate;
+use crate::events::{BalanceNotice, EventBus, EventFilter, EventKind};
+use crate::ledger::{
+    Actor, Adjustment, Admitted, AuditAction, AuditEntry, AuditFilter, AuditRecord, BeginError,
+    Begun, Ledger, LedgerError, LedgerView, NewSession, SessionFilter, UsageTotal,
+};
+use crate::policy::admission::{self, LaunchAccount, OpenSession};
+use crate::policy::{AccountKind, OnBalanceExhausted, Policy};
+use crate::metering::{Credits, Rate};
 use crate::runtime::{
     ContainerEvent, ContainerEventKind, ContainerId, ContainerRuntime, ContainerSpec,
     ContainerState, DeviceRequest, RuntimeError, VolumeMount, labels,
@@ -54,6 +60,39 @@ pub struct SessionManager {
     /// Devices claimed by running containers with our labels that the
     /// ledger does not know: never handed out while they run.
     foreign: Mutex<HashMap<DeviceUuid, ContainerId>>,
+    /// The standalone policy in force; replaced whole on reload.
+    policy: RwLock<Arc<Policy>>,
+    events: Arc<EventBus>,
+    /// Stops the agent itself decided (a balance ran out, a reservation
+    /// window opened), due at the end of their grace period.
+    scheduled: Mutex<HashMap<SessionId, ScheduledStop>>,
+    /// Billed accounts already told they are low or out, so each change is
+    /// announced once.
+    balance_notices: Mutex<HashMap<String, BalanceState>>,
+}
+
+/// An account's usage in a period and the balance that pays for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageReport {
+    pub account_id: String,
+    pub from: UnixNanos,
+    pub to: UnixNanos,
+    pub lines: Vec<UsageTotal>,
+    pub billed_account_id: String,
+    pub balance: Credits,
+}
+
+/// A stop the agent will carry out at `at` unless the reason goes away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ScheduledStop {
+    reason: EndReason,
+    at: UnixNanos,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BalanceState {
+    Low,
+    Exhausted,
 }
 
 fn engine(error: RuntimeError) -> Refusal {
@@ -78,6 +117,8 @@ impl SessionManager {
         ledger: Ledger,
         runtime: Arc<dyn ContainerRuntime>,
         clock: Arc<dyn Clock>,
+        policy: Arc<Policy>,
+        events: Arc<EventBus>,
     ) -> Self {
         Self {
             settings,
@@ -86,7 +127,25 @@ impl SessionManager {
             clock,
             draining: AtomicBool::new(false),
             foreign: Mutex::new(HashMap::new()),
+            policy: RwLock::new(policy),
+            events,
+            scheduled: Mutex::new(HashMap::new()),
+            balance_notices: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        Arc::clone(&self.policy.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Puts a validated policy in force for every decision from now on.
+    pub fn set_policy(&self, policy: Arc<Policy>) {
+        *self.policy.write().unwrap_or_else(PoisonError::into_inner) = policy;
+    }
+
+    pub fn events(&self) -> &Arc<EventBus> {
+        &self.events
     }
 
     pub fn ledger(&self) -> &Ledger {
@@ -97,8 +156,89 @@ impl SessionManager {
         self.clock.now()
     }
 
-    pub fn set_draining(&self, draining: bool) {
-        self.draining.store(draining, Ordering::SeqCst);
+    /// Takes or stops taking new sessions; running ones are untouched.
+    pub async fn set_draining(&self, draining: bool, reason: String, actor: Actor) {
+        let was = self.draining.swap(draining, Ordering::SeqCst);
+        if was == draining {
+            return;
+        }
+        tracing::info!(draining, reason = %reason, by = %actor, "drain changed");
+        let now = self.clock.now();
+        let action = if draining {
+            AuditAction::Drain
+        } else {
+            AuditAction::Undrain
+        };
+        self.audit(AuditRecord {
+            at: now,
+            action,
+            actor,
+            account_id: String::new(),
+            session_id: String::new(),
+            reason: String::new(),
+            detail: reason.clone(),
+        })
+        .await;
+        self.events
+            .publish(now, EventKind::DrainChanged { draining, reason });
+    }
+
+    /// A reloaded policy is in force: audited, and acted on at once (a
+    /// changed balance or reservation may cancel or schedule stops).
+    pub async fn policy_reloaded(&self, path: &std::path::Path) {
+        self.audit(AuditRecord {
+            at: self.clock.now(),
+            action: AuditAction::PolicyReload,
+            actor: Actor::Operator,
+            account_id: String::new(),
+            session_id: String::new(),
+            reason: String::new(),
+            detail: path.display().to_string(),
+        })
+        .await;
+        if let Err(refusal) = self.enforce().await {
+            tracing::warn!(error = %refusal, "enforcing after a policy reload failed; retried at the next checkpoint");
+        }
+    }
+
+    /// Appends to the audit trail; a ledger that cannot take it is logged
+    /// (the action itself already happened or was refused).
+    async fn audit(&self, record: AuditRecord) {
+        if let Err(error) = self.ledger.audit(record.clone()).await {
+            tracing::error!(error = %error, action = %record.action, account = %record.account_id, "could not write the audit trail");
+        }
+    }
+
+    /// Records a refused launch in the audit trail and on the event stream.
+    pub async fn launch_refused(
+        &self,
+        request_id: &str,
+        principal: Option<&Principal>,
+        account_id: &str,
+        refusal: &Refusal,
+    ) {
+        let now = self.clock.now();
+        tracing::info!(request_id, account = account_id, reason = %refusal.reason, "launch refused");
+        self.audit(AuditRecord {
+            at: now,
+            action: AuditAction::Refuse,
+            actor: principal.cloned().map_or(Actor::Operator, Actor::Principal),
+            account_id: account_id.to_owned(),
+            session_id: String::new(),
+            reason: refusal.reason.as_str().to_owned(),
+            detail: format!("request {request_id}: {}", refusal.message),
+        })
+        .await;
+        self.events.publish(
+            now,
+            EventKind::LaunchRefused {
+                request_id: request_id.to_owned(),
+                principal: principal.cloned(),
+                account_id: account_id.to_owned(),
+                reason: refusal.reason,
+                message: refusal.message.clone(),
+            },
+        );
     }
 
     pub fn is_draining(&self) -> bool {
@@ -152,27 +292,33 @@ impl SessionManager {
         for device in self.foreign_devices().into_keys() {
             unavailable.entry(device).or_insert(Unavailable::Foreign);
         }
+        let policy = self.policy();
+        let account = admission::authorize_launch(
+            &policy,
+            &plan.principal,
+            plan.scope,
+            &plan.account_id,
+        )?;
+        let now = self.clock.now();
         let new = NewSession {
             id: SessionId::generate(),
             request_id: plan.request_id.clone(),
             node_id: self.settings.node_id.clone(),
             scope: plan.scope,
-            account_id: plan.account_id.clone(),
-            billed_account_id: plan.account_id.clone(),
+            account_id: account.account_id.clone(),
+            billed_account_id: account.billed_account_id.clone(),
             owner: plan.principal.clone(),
             image: plan.image.clone(),
             billing_path: BillingPath::Balance,
-            created_at: self.clock.now(),
+            created_at: now,
         };
         let selector = plan.devices.clone();
+        // Decided on the ledger's view inside the transaction that records
+        // the session: concurrent launches see each other's sessions.
         let begun = self
             .ledger
-            .begin_session(new, move |held| {
-                for device in held {
-                    unavailable.insert(device.clone(), Unavailable::Held);
-                }
-                let picked = allocation::pick(&devices, &unavailable, &selector)?;
-                Ok(picked.into_iter().map(|d| (d, Rate::default())).collect())
+            .begin_session(new, move |view| {
+                admit(&policy, &account, view, &devices, unavailable, &selector, now)
             })
             .await;
         let session = match begun {
@@ -191,9 +337,13 @@ impl SessionManager {
                 tracing::info!(
                     session = %running.id,
                     account = %running.account_id,
-                    devices = %device_list(&running),
+                    devices = %running.device_list(),
                     container = running.container_id.as_deref().unwrap_or(""),
                     "session started"
+                );
+                self.events.publish(
+                    self.clock.now(),
+                    EventKind::SessionStarted(Box::new(running.clone())),
                 );
                 Ok(running)
             }
@@ -333,17 +483,41 @@ impl SessionManager {
             .get(id)
             .await?
             .ok_or_else(|| unknown_session(id))?;
-        authorize(caller, &session)?;
+        self.authorize(caller, &session)?;
         Ok(session)
     }
 
-    /// Sessions the caller may see: all for the operator, its own otherwise.
+    /// Whether `caller` may see and stop `session`: a named principal by
+    /// the policy's role rules, the local operator without one always.
+    fn authorize(&self, caller: &Caller, session: &SessionRecord) -> Result<(), Refusal> {
+        match &caller.principal {
+            Some(principal) => admission::may_manage_session(
+                &self.policy(),
+                principal,
+                session.scope,
+                &session.account_id,
+                &session.owner,
+            ),
+            None if caller.operator => Ok(()),
+            None => Err(principal_required()),
+        }
+    }
+
+    /// Sessions the caller may see, of `account_id` (launched under it or
+    /// billed to it) or of every account.
     pub async fn list(
         &self,
         caller: &Caller,
         account_id: Option<String>,
         include_ended: bool,
     ) -> Result<Vec<SessionRecord>, Refusal> {
+        match (&caller.principal, &account_id) {
+            (Some(principal), Some(account)) => {
+                admission::may_list_account(&self.policy(), principal, account)?;
+            }
+            (None, _) if !caller.operator => return Err(principal_required()),
+            _ => {}
+        }
         let sessions = self
             .ledger
             .list(SessionFilter {
@@ -353,12 +527,171 @@ impl SessionManager {
             .await?;
         Ok(sessions
             .into_iter()
-            .filter(|session| authorize(caller, session).is_ok())
+            .filter(|session| self.authorize(caller, session).is_ok())
             .collect())
     }
 
-    /// Stops a session's container (SIGTERM, SIGKILL after `grace`) and
-    /// closes it at Docker's FinishedAt. Stopping an ended session returns it.
+    /// The balance `account` has now: the policy's opening balance and what
+    /// the ledger moved since.
+    pub async fn balance_of(&self, account: &str) -> Result<Credits, Refusal> {
+        Ok(self.policy().opening_balance(account) + self.ledger.balance_delta(account).await?)
+    }
+
+    /// Records a top-up or correction (the local operator's, standalone
+    /// mode) and acts on it at once: a top-up cancels the stops its
+    /// balance had scheduled.
+    pub async fn adjust_balance(
+        &self,
+        caller: &Caller,
+        account_id: &str,
+        delta: Credits,
+        reason: &str,
+    ) -> Result<(String, Credits), Refusal> {
+        if caller.principal.is_some() || !caller.operator {
+            return Err(Refusal::new(
+                Reason::RoleForbidden,
+                "AdjustBalance is for the local operator: call it on the Unix socket without a principal",
+            ));
+        }
+        let policy = self.policy();
+        if policy.kind_of(account_id).is_none() {
+            return Err(unknown_account(account_id));
+        }
+        let billed = policy.billed_account(account_id);
+        if billed != account_id {
+            return Err(Refusal::new(
+                Reason::InvalidRequest,
+                format!("{account_id} is a sub-account billed to {billed}; adjust {billed}'s balance"),
+            ));
+        }
+        if reason.trim().is_empty() {
+            return Err(Refusal::new(
+                Reason::InvalidRequest,
+                "say why the balance changes (reason), e.g. an invoice or ticket number",
+            ));
+        }
+        let (id, delta_now) = self
+            .ledger
+            .adjust_balance(Adjustment {
+                account_id: account_id.to_owned(),
+                delta,
+                reason: reason.to_owned(),
+                actor: Actor::Operator,
+                at: self.clock.now(),
+            })
+            .await?;
+        let balance = policy.opening_balance(account_id) + delta_now;
+        tracing::info!(account = account_id, delta = %delta, balance = %balance, adjustment = %id, "balance adjusted");
+        if let Err(refusal) = self.enforce().await {
+            tracing::warn!(error = %refusal, "enforcing after a balance adjustment failed; retried at the next checkpoint");
+        }
+        Ok((id, balance))
+    }
+
+    /// Usage of `account_id` (an org's includes its sub-accounts) with
+    /// records ending in `(from, to]`, and the balance that pays for it.
+    pub async fn usage(
+        &self,
+        caller: &Caller,
+        account_id: &str,
+        from: UnixNanos,
+        to: UnixNanos,
+    ) -> Result<UsageReport, Refusal> {
+        let policy = self.policy();
+        match &caller.principal {
+            Some(principal) => admission::may_view_account(&policy, principal, account_id)?,
+            None if caller.operator => {
+                if policy.kind_of(account_id).is_none() {
+                    return Err(unknown_account(account_id));
+                }
+            }
+            None => return Err(principal_required()),
+        }
+        let accounts: Vec<String> = match policy.kind_of(account_id) {
+            Some(AccountKind::Org) => policy
+                .subtree(account_id)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            _ => vec![account_id.to_owned()],
+        };
+        let lines = self.ledger.usage(accounts, from, to).await?;
+        let billed_account_id = policy.billed_account(account_id).to_owned();
+        let balance = self.balance_of(&billed_account_id).await?;
+        Ok(UsageReport {
+            account_id: account_id.to_owned(),
+            from,
+            to,
+            lines,
+            billed_account_id,
+            balance,
+        })
+    }
+
+    /// What a `WatchEvents` caller may receive: events of `account` (and
+    /// its sub-accounts) when named, else of every account the principal
+    /// belongs to; all of them for the local operator.
+    pub fn event_filter(
+        &self,
+        caller: &Caller,
+        account: Option<String>,
+    ) -> Result<EventFilter, Refusal> {
+        let policy = self.policy();
+        let with_subtree = |account: &str| -> Vec<String> {
+            match policy.kind_of(account) {
+                Some(AccountKind::Org) => policy
+                    .subtree(account)
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect(),
+                _ => vec![account.to_owned()],
+            }
+        };
+        let accounts = match (&caller.principal, account) {
+            (Some(principal), Some(account)) => {
+                admission::may_list_account(&policy, principal, &account)?;
+                with_subtree(&account)
+            }
+            (Some(principal), None) => {
+                let mut accounts = vec![principal.subject.clone()];
+                if let Some(org) = policy.service_account_org(&principal.subject) {
+                    accounts.extend(with_subtree(org));
+                }
+                for org in policy
+                    .accounts()
+                    .filter(|a| policy.kind_of(a) == Some(AccountKind::Org))
+                {
+                    if policy.role_of(&principal.subject, org).is_some() {
+                        accounts.push(org.to_owned());
+                    }
+                }
+                accounts
+            }
+            (None, Some(account)) if caller.operator => with_subtree(&account),
+            (None, None) if caller.operator => return Ok(EventFilter { accounts: None }),
+            (None, _) => return Err(principal_required()),
+        };
+        Ok(EventFilter {
+            accounts: Some(accounts.into_iter().collect()),
+        })
+    }
+
+    /// Reads the audit trail (the local operator's).
+    pub async fn audit_trail(
+        &self,
+        caller: &Caller,
+        filter: AuditFilter,
+    ) -> Result<Vec<AuditEntry>, Refusal> {
+        if caller.principal.is_some() || !caller.operator {
+            return Err(Refusal::new(
+                Reason::RoleForbidden,
+                "the audit trail is for the local operator: call ListAudit on the Unix socket",
+            ));
+        }
+        Ok(self.ledger.list_audit(filter).await?)
+    }
+
+    /// Stops a session on a caller's request, after the role check.
     pub async fn stop(
         &self,
         caller: &Caller,
@@ -366,6 +699,25 @@ impl SessionManager {
         grace: Duration,
     ) -> Result<SessionRecord, Refusal> {
         let session = self.get(caller, id).await?;
+        let actor = match &caller.principal {
+            Some(principal) => Actor::Principal(principal.clone()),
+            None => Actor::Operator,
+        };
+        self.stop_session(session, grace, EndReason::Stopped, actor)
+            .await
+    }
+
+    /// Stops a session's container (SIGTERM, SIGKILL after `grace`) and
+    /// closes it at Docker's FinishedAt with `reason`. Stopping an ended
+    /// session returns it.
+    async fn stop_session(
+        &self,
+        session: SessionRecord,
+        grace: Duration,
+        reason: EndReason,
+        actor: Actor,
+    ) -> Result<SessionRecord, Refusal> {
+        let id = &session.id;
         match session.state {
             SessionState::Ended => return Ok(session),
             SessionState::Starting => {
@@ -376,9 +728,9 @@ impl SessionManager {
             }
             SessionState::Running | SessionState::Stopping => {}
         }
-        self.ledger.mark_stopping(id).await?;
+        self.ledger.mark_stopping(id, reason).await?;
         let mut finished_at = None;
-        let mut detail = format!("stopped by {}", who(caller));
+        let mut detail = format!("stopped by {actor}");
         if let Some(container) = session.container_id.clone().map(ContainerId) {
             self.runtime
                 .stop(&container, grace)
@@ -392,13 +744,20 @@ impl SessionManager {
                 detail = format!("{detail}; {}", exit_detail(&state));
             }
         }
-        let closed = self
-            .ledger
-            .close(id, finished_at, EndReason::Stopped, detail)
-            .await?;
+        self.audit(AuditRecord {
+            at: self.clock.now(),
+            action: AuditAction::Stop,
+            actor: actor.clone(),
+            account_id: session.account_id.clone(),
+            session_id: id.0.clone(),
+            reason: reason.as_str().to_owned(),
+            detail: detail.clone(),
+        })
+        .await;
+        let closed = self.close(id, finished_at, reason, detail).await?;
         match closed {
             Some(session) => {
-                tracing::info!(session = %session.id, by = %who(caller), "session stopped");
+                tracing::info!(session = %session.id, by = %actor, reason = %reason, "session stopped");
                 Ok(session)
             }
             // Docker's die event closed it meanwhile.
@@ -408,6 +767,29 @@ impl SessionManager {
                 .await?
                 .ok_or_else(|| unknown_session(id)),
         }
+    }
+
+    /// Ends a session in the ledger and announces it; ending an ended
+    /// session changes nothing.
+    async fn close(
+        &self,
+        id: &SessionId,
+        ended_at: Option<UnixNanos>,
+        reason: EndReason,
+        detail: String,
+    ) -> Result<Option<SessionRecord>, LedgerError> {
+        let closed = self.ledger.close(id, ended_at, reason, detail).await?;
+        if let Some(session) = &closed {
+            self.scheduled
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(id);
+            self.events.publish(
+                self.clock.now(),
+                EventKind::SessionEnded(Box::new(session.clone())),
+            );
+        }
+        Ok(closed)
     }
 
     /// Acts on one engine event of a container of this node.
@@ -487,11 +869,11 @@ impl SessionManager {
         };
         let reason = match (session.state, reason) {
             (SessionState::Running, reason) => reason,
-            // A die during a stop is the stop's.
-            (SessionState::Stopping, _) => EndReason::Stopped,
+            // A die during a stop is the stop's, with the stop's reason.
+            (SessionState::Stopping, _) => session.end_reason.unwrap_or(EndReason::Stopped),
             (SessionState::Starting | SessionState::Ended, _) => return Ok(()),
         };
-        if let Some(closed) = self.ledger.close(id, at, reason, detail).await? {
+        if let Some(closed) = self.close(id, at, reason, detail).await? {
             tracing::info!(session = %closed.id, reason = %reason, ended_at = ?closed.ended_at.map(|t| t.to_string()), "session ended");
         }
         Ok(())
@@ -567,8 +949,7 @@ impl SessionManager {
                         self.ledger
                             .mark_running(id, &state.id.0, started_at)
                             .await?;
-                        self.ledger
-                            .close(
+                        self.close(
                                 id,
                                 state.finished_at,
                                 EndReason::Exited,
@@ -577,8 +958,7 @@ impl SessionManager {
                             .await?;
                     } else {
                         self.runtime.remove(&state.id).await.map_err(engine)?;
-                        self.ledger
-                            .close(
+                        self.close(
                                 id,
                                 None,
                                 EndReason::LaunchFailed,
@@ -589,8 +969,7 @@ impl SessionManager {
                     Ok(())
                 }
                 None => {
-                    self.ledger
-                        .close(
+                    self.close(
                             id,
                             None,
                             EndReason::LaunchFailed,
@@ -610,20 +989,18 @@ impl SessionManager {
             }
             Some(state) => {
                 let reason = if session.state == SessionState::Stopping {
-                    EndReason::Stopped
+                    session.end_reason.unwrap_or(EndReason::Stopped)
                 } else {
                     EndReason::Exited
                 };
-                self.ledger
-                    .close(id, state.finished_at, reason, exit_detail(&state))
+                self.close(id, state.finished_at, reason, exit_detail(&state))
                     .await?;
                 tracing::info!(session = %id, reason = %reason, "closed a session whose container finished");
             }
             None => {
                 // Gone without a trace: billed up to the last instant it was
                 // known to run (its last checkpoint), not a second more.
-                self.ledger
-                    .close(id, None, EndReason::Removed, "container vanished".into())
+                self.close(id, None, EndReason::Removed, "container vanished".into())
                     .await?;
                 tracing::warn!(session = %id, "closed a session whose container vanished");
             }
@@ -691,13 +1068,15 @@ impl SessionManager {
         }
     }
 
-    /// Reconciles (and so cuts checkpoint usage) every `interval` until
-    /// `shutdown`.
+    /// Reconciles (and so cuts checkpoint usage and debits balances) every
+    /// `interval` until `shutdown`, then enforces balances and
+    /// reservations; wakes early when a scheduled stop falls due.
     pub async fn checkpoint_loop(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await;
         loop {
+            let next_stop = self.next_scheduled_stop().unwrap_or(interval);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = ticks.tick() => {
@@ -705,9 +1084,258 @@ impl SessionManager {
                         tracing::warn!(error = %refusal, "checkpoint failed; usage stays measured from Docker's times and is cut at the next one");
                     }
                 }
+                _ = tokio::time::sleep(next_stop) => {}
+            }
+            if let Err(refusal) = self.enforce().await {
+                tracing::warn!(error = %refusal, "enforcing balances and reservations failed; retried at the next checkpoint");
             }
         }
     }
+
+    /// How long until the earliest scheduled stop is due.
+    fn next_scheduled_stop(&self) -> Option<Duration> {
+        let now = self.clock.now();
+        self.scheduled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|stop| stop.at)
+            .min()
+            .map(|at| Duration::from_nanos(u64::try_from(at.0.saturating_sub(now.0)).unwrap_or(0)))
+    }
+
+    /// Where balances and reservations act on running sessions: a billed
+    /// balance at or below zero schedules its sessions' stop after the
+    /// grace period (unless the policy says "continue"); an open
+    /// reservation window schedules the stop of other accounts' sessions on
+    /// its devices. A cause that goes away (a top-up, a reload) cancels its
+    /// stop. Stops that are due are carried out.
+    pub async fn enforce(&self) -> Result<(), Refusal> {
+        let now = self.clock.now();
+        let policy = self.policy();
+        let enforcement = policy.enforcement();
+        let open = self
+            .ledger
+            .list(SessionFilter {
+                account_id: None,
+                include_ended: false,
+            })
+            .await?;
+        let deltas = self.ledger.balance_deltas().await?;
+        let running: Vec<&SessionRecord> = open
+            .iter()
+            .filter(|s| s.state == SessionState::Running)
+            .collect();
+
+        let mut wanted: HashMap<SessionId, EndReason> = HashMap::new();
+        let mut by_billed: BTreeMap<&str, Vec<&SessionRecord>> = BTreeMap::new();
+        for session in running
+            .iter()
+            .filter(|s| s.billing_path == BillingPath::Balance)
+        {
+            by_billed
+                .entry(&session.billed_account_id)
+                .or_default()
+                .push(session);
+        }
+        let mut states = Vec::new();
+        for (billed, sessions) in &by_billed {
+            let balance = policy.opening_balance(billed)
+                + deltas.get(*billed).copied().unwrap_or_default();
+            let per_second: Credits = sessions
+                .iter()
+                .flat_map(|s| s.devices.iter().map(|d| d.rate.0))
+                .sum();
+            let low_mark = Credits(
+                per_second
+                    .0
+                    .saturating_mul(i64::try_from(enforcement.min_balance_seconds).unwrap_or(i64::MAX)),
+            );
+            let state = if balance <= Credits::ZERO {
+                Some(BalanceState::Exhausted)
+            } else if balance < low_mark {
+                Some(BalanceState::Low)
+            } else {
+                None
+            };
+            if state == Some(BalanceState::Exhausted)
+                && enforcement.on_balance_exhausted == OnBalanceExhausted::Stop
+            {
+                for session in sessions {
+                    wanted.insert(session.id.clone(), EndReason::BalanceExhausted);
+                }
+            }
+            states.push((billed.to_string(), balance, state, sessions.iter().map(|s| s.id.clone()).collect::<Vec<_>>()));
+        }
+        let devices: Vec<Vec<DeviceUuid>> = running
+            .iter()
+            .map(|s| s.devices.iter().map(|d| d.uuid.clone()).collect())
+            .collect();
+        let open_view: Vec<OpenSession<'_>> = running
+            .iter()
+            .zip(&devices)
+            .map(|(s, devices)| OpenSession {
+                id: &s.id,
+                scope: s.scope,
+                account_id: &s.account_id,
+                devices,
+            })
+            .collect();
+        for id in admission::displaced_by_reservations(&policy, now, &open_view) {
+            wanted.entry(id).or_insert(EndReason::ReservationStarted);
+        }
+
+        let grace = i64::try_from(enforcement.grace.as_nanos()).unwrap_or(i64::MAX);
+        let (newly, due) = {
+            let mut scheduled = self.scheduled.lock().unwrap_or_else(PoisonError::into_inner);
+            scheduled.retain(|id, stop| wanted.get(id) == Some(&stop.reason));
+            let mut newly = Vec::new();
+            for (id, reason) in &wanted {
+                scheduled.entry(id.clone()).or_insert_with(|| {
+                    let stop = ScheduledStop {
+                        reason: *reason,
+                        at: UnixNanos(now.0.saturating_add(grace)),
+                    };
+                    newly.push((id.clone(), stop));
+                    stop
+                });
+            }
+            let due: Vec<(SessionId, EndReason)> = scheduled
+                .iter()
+                .filter(|(_, stop)| stop.at <= now)
+                .map(|(id, stop)| (id.clone(), stop.reason))
+                .collect();
+            (newly, due)
+        };
+        for (id, stop) in &newly {
+            let account_id = open
+                .iter()
+                .find(|s| &s.id == id)
+                .map(|s| s.account_id.clone())
+                .unwrap_or_default();
+            tracing::warn!(session = %id, reason = %stop.reason, stop_at = %stop.at, "session will be stopped when its grace period ends");
+            self.events.publish(
+                now,
+                EventKind::SessionStopScheduled {
+                    session_id: id.clone(),
+                    account_id,
+                    reason: stop.reason,
+                    stop_at: stop.at,
+                },
+            );
+        }
+        self.announce_balances(now, states);
+        for (id, reason) in due {
+            let Some(session) = self.ledger.get(&id).await? else {
+                continue;
+            };
+            if session.state != SessionState::Running {
+                continue;
+            }
+            match self
+                .stop_session(session, DEFAULT_STOP_GRACE, reason, Actor::Agent)
+                .await
+            {
+                Ok(_) => {}
+                Err(refusal) => {
+                    tracing::error!(session = %id, reason = %reason, error = %refusal, "could not stop a session the policy ends; retried at the next checkpoint");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Announces each billed account's balance state once per change.
+    fn announce_balances(
+        &self,
+        now: UnixNanos,
+        states: Vec<(String, Credits, Option<BalanceState>, Vec<SessionId>)>,
+    ) {
+        let policy = self.policy();
+        let enforcement = policy.enforcement();
+        let mut notices = self
+            .balance_notices
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let scheduled = self.scheduled.lock().unwrap_or_else(PoisonError::into_inner);
+        for (account_id, balance, state, session_ids) in states {
+            let previous = match state {
+                Some(state) => notices.insert(account_id.clone(), state),
+                None => notices.remove(&account_id),
+            };
+            let Some(state) = state.filter(|state| previous != Some(*state)) else {
+                continue;
+            };
+            let stop_at = (state == BalanceState::Exhausted
+                && enforcement.on_balance_exhausted == OnBalanceExhausted::Stop)
+                .then(|| {
+                    session_ids
+                        .iter()
+                        .filter_map(|id| scheduled.get(id).map(|stop| stop.at))
+                        .min()
+                })
+                .flatten();
+            tracing::warn!(account = %account_id, balance = %balance, state = ?state, "balance notice");
+            let notice = BalanceNotice {
+                account_id,
+                balance,
+                session_ids,
+                stop_at,
+            };
+            self.events.publish(
+                now,
+                match state {
+                    BalanceState::Low => EventKind::BalanceLow(notice),
+                    BalanceState::Exhausted => EventKind::BalanceExhausted(notice),
+                },
+            );
+        }
+    }
+}
+
+/// Where a launch is decided, on the ledger's view inside the transaction
+/// that records it: the account's pools, the devices (reservations of
+/// other orgs kept out, the account's own preferred), the billing path and
+/// the balance, in that order.
+fn admit(
+    policy: &Policy,
+    account: &LaunchAccount,
+    view: &LedgerView,
+    devices: &[AssignableDevice],
+    mut unavailable: HashMap<DeviceUuid, Unavailable>,
+    selector: &DeviceSelector,
+    now: UnixNanos,
+) -> Result<Admitted, Refusal> {
+    let open: Vec<OpenSession<'_>> = view
+        .open
+        .iter()
+        .map(|session| OpenSession {
+            id: &session.id,
+            scope: session.scope,
+            account_id: &session.account_id,
+            devices: &session.devices,
+        })
+        .collect();
+    admission::check_pools(account, policy, &open)?;
+    for device in view.held.keys() {
+        unavailable.insert(device.clone(), Unavailable::Held);
+    }
+    for (device, reserved) in admission::reserved_for_others(policy, account, now) {
+        unavailable.entry(device).or_insert(reserved);
+    }
+    let preferred = admission::reserved_for(policy, account, now);
+    let picked = allocation::pick_preferring(devices, &unavailable, selector, &preferred)?;
+    let uuids: Vec<DeviceUuid> = picked.iter().map(|d| d.uuid.clone()).collect();
+    let billing_path = admission::billing_path(policy, account, &uuids, now);
+    let rates: Vec<Rate> = picked.iter().map(|d| policy.rate(&d.class)).collect();
+    let balance = policy.opening_balance(&account.billed_account_id)
+        + view.balance_delta(&account.billed_account_id);
+    admission::check_balance(policy, account, billing_path, balance, &rates)?;
+    Ok(Admitted {
+        devices: picked.into_iter().zip(rates).collect(),
+        billed_account_id: account.billed_account_id.clone(),
+        billing_path,
+    })
 }
 
 /// Records the devices a foreign container's labels claim; warns when the
@@ -742,27 +1370,11 @@ pub fn volume_name(account_id: &str, name: &str) -> String {
     format!("gpuwarden.{account_id}.{name}")
 }
 
-fn device_list(session: &SessionRecord) -> String {
-    session
-        .devices
-        .iter()
-        .map(|d| d.uuid.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
-}
 
 fn exit_detail(state: &ContainerState) -> String {
     match state.exit_code {
         Some(code) => format!("exit code {code}"),
         None => String::new(),
-    }
-}
-
-fn who(caller: &Caller) -> String {
-    match (&caller.principal, caller.operator) {
-        (Some(principal), _) => principal.subject.clone(),
-        (None, true) => "operator".into(),
-        (None, false) => "anonymous".into(),
     }
 }
 
@@ -775,17 +1387,18 @@ fn unknown_session(id: &SessionId) -> Refusal {
 
 /// Until accounts and roles arrive with the policy, a session belongs to
 /// its owner and to the local operator.
-fn authorize(caller: &Caller, session: &SessionRecord) -> Result<(), Refusal> {
-    if caller.operator {
-        return Ok(());
-    }
-    match &caller.principal {
-        Some(principal) if principal.subject == session.owner.subject => Ok(()),
-        _ => Err(Refusal::new(
-            Reason::RoleForbidden,
-            format!("session {} is not yours to see or stop", session.id),
-        )),
-    }
+fn unknown_account(account: &str) -> Refusal {
+    Refusal::new(
+        Reason::UnknownAccount,
+        format!("no account `{account}` in this node's policy; check the id or the policy file"),
+    )
+}
+
+fn principal_required() -> Refusal {
+    Refusal::new(
+        Reason::InvalidRequest,
+        "name the principal (subject and kind) the request acts for; only the local operator may omit it",
+    )
 }
 
 #[cfg(test)]
@@ -827,6 +1440,12 @@ mod tests {
             ledger,
             runtime.clone(),
             Arc::new(EngineClock(runtime.clone())),
+            Arc::new(
+                Policy::load(Path::new("fixtures/policy-test.toml"), None)
+                    .unwrap()
+                    .policy,
+            ),
+            Arc::new(EventBus::new()),
         );
         let devices = load_fixture(Path::new("fixtures/sim-dgx-a100.toml"))
             .unwrap()
@@ -1001,7 +1620,9 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(refusal.reason, Reason::NoFreeDevices);
-        s.manager.set_draining(true);
+        s.manager
+            .set_draining(true, "maintenance".into(), Actor::Operator)
+            .await;
         let refusal = s
             .manager
             .launch(plan("r2", None), s.devices.clone(), Vec::new())

@@ -44,13 +44,15 @@ macro_rules! text_enum {
             }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str(self.as_str())
             }
         }
     };
 }
+
+pub(crate) use text_enum;
 
 text_enum!(
     /// Whose pool and balance a session uses.
@@ -144,6 +146,16 @@ pub struct RecordedUsage {
 impl SessionRecord {
     pub fn is_open(&self) -> bool {
         self.state != SessionState::Ended
+    }
+
+    /// The session's device UUIDs, comma-separated: the form of the
+    /// devices label and the device variables.
+    pub fn device_list(&self) -> String {
+        self.devices
+            .iter()
+            .map(|d| d.uuid.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Device-seconds and GPU-seconds from Docker's StartedAt to its

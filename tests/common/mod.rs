@@ -45,8 +45,17 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Daemon {
     /// Starts `gpuwarden run` on the given fixture; `extra` is appended to
-    /// the config file.
+    /// the config file. Without a `[policy]` section in `extra`, the daemon
+    /// runs under `fixtures/policy-test.toml` (generous limits).
     pub fn start(fixture_name: &str, extra: &str) -> Self {
+        let extra = if extra.contains("[policy]") {
+            extra.to_owned()
+        } else {
+            format!(
+                "{extra}\n[policy]\nfile = \"{}\"\n",
+                fixture("policy-test.toml").display()
+            )
+        };
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("run/gpuwarden.sock");
         let config = dir.path().join("gpuwarden.toml");
