@@ -9,9 +9,9 @@ use std::time::SystemTime;
 use crate::error::Refusal;
 use crate::gpu::{self, DeviceUuid, GpuBackend, GpuError, HostInventory};
 use crate::inventory::InventoryView;
+use crate::policy::Policy;
 use crate::session::manager::SessionManager;
 use crate::session::request::LaunchRequest;
-use crate::policy::Policy;
 use crate::session::{Caller, Scope, SessionRecord};
 use crate::toml_file::FileError;
 
@@ -99,7 +99,10 @@ impl Agent {
         let principal = request.principal.clone();
         let account_id = match request.scope {
             Some(Scope::Org) => request.org_id.clone(),
-            _ => principal.as_ref().map(|p| p.subject.clone()).unwrap_or_default(),
+            _ => principal
+                .as_ref()
+                .map(|p| p.subject.clone())
+                .unwrap_or_default(),
         };
         let result = match request.validate() {
             Ok(plan) => {
@@ -145,10 +148,11 @@ impl Agent {
             Ok(()) => {
                 self.sessions.policy_reloaded(path).await;
             }
-            Err(error) => tracing::error!(
-                error = %crate::error::chain(&error),
-                "policy reload refused; the previous policy stays in force"
-            ),
+            Err(error) => {
+                let error = crate::error::chain(&error);
+                tracing::error!(error = %error, "policy reload refused; the previous policy stays in force");
+                self.sessions.policy_reload_refused(error).await;
+            }
         }
     }
 }

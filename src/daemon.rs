@@ -17,12 +17,12 @@ use crate::api::server::{self, ApiError};
 use crate::clock::SystemClock;
 use crate::config::{Config, Mode};
 use crate::error::Refusal;
+use crate::events::EventBus;
 use crate::gpu::{self, GpuError};
 use crate::ledger::{Ledger, LedgerError};
+use crate::policy::Policy;
 use crate::runtime::RuntimeError;
 use crate::runtime::docker::DockerRuntime;
-use crate::events::EventBus;
-use crate::policy::Policy;
 use crate::session::manager::{SessionManager, SessionSettings};
 use crate::toml_file::FileError;
 

@@ -108,7 +108,10 @@ pub struct LedgerView {
 
 impl LedgerView {
     pub fn balance_delta(&self, account: &str) -> Credits {
-        self.balance_deltas.get(account).copied().unwrap_or_default()
+        self.balance_deltas
+            .get(account)
+            .copied()
+            .unwrap_or_default()
     }
 }
 
@@ -142,6 +145,7 @@ text_enum!(
         Drain = "drain",
         Undrain = "undrain",
         PolicyReload = "policy_reload",
+        PolicyReloadRefused = "policy_reload_refused",
     }
 );
 
@@ -503,7 +507,11 @@ impl Ledger {
 
     /// A stop began, for `reason`: kept so that whoever sees the container
     /// die (the stop itself, Docker's event, a reconcile) ends it so.
-    pub async fn mark_stopping(&self, id: &SessionId, reason: EndReason) -> Result<(), LedgerError> {
+    pub async fn mark_stopping(
+        &self,
+        id: &SessionId,
+        reason: EndReason,
+    ) -> Result<(), LedgerError> {
         let id = id.0.clone();
         self.transaction(move |tx| {
             tx.execute(
@@ -614,7 +622,8 @@ impl Ledger {
     /// What the ledger moved on `account` since its opening balance.
     pub async fn balance_delta(&self, account: &str) -> Result<Credits, LedgerError> {
         let account = account.to_owned();
-        self.transaction(move |tx| account_delta(tx, &account)).await
+        self.transaction(move |tx| account_delta(tx, &account))
+            .await
     }
 
     /// What the ledger moved on every account it moved.
@@ -652,7 +661,12 @@ impl Ledger {
                     account_id: adjustment.account_id.clone(),
                     session_id: String::new(),
                     reason: String::new(),
-                    detail: format!("{} {:+} credits: {}", id, adjustment.delta.as_f64(), adjustment.reason),
+                    detail: format!(
+                        "{} {:+} credits: {}",
+                        id,
+                        adjustment.delta.as_f64(),
+                        adjustment.reason
+                    ),
                 },
             )?;
             Ok((id, account_delta(tx, &adjustment.account_id)?))
@@ -892,7 +906,9 @@ fn account_delta<E>(tx: &Transaction<'_>, account: &str) -> Result<Credits, Outc
 fn balance_deltas<E>(tx: &Transaction<'_>) -> Result<HashMap<String, Credits>, Outcome<E>> {
     let mut statement = tx.prepare_cached("SELECT account_id, delta_nano FROM account_balances")?;
     let deltas = statement
-        .query_map([], |row| Ok((row.get::<_, String>(0)?, Credits(row.get(1)?))))?
+        .query_map([], |row| {
+            Ok((row.get::<_, String>(0)?, Credits(row.get(1)?)))
+        })?
         .collect::<Result<HashMap<_, _>, _>>()?;
     Ok(deltas)
 }
@@ -918,7 +934,9 @@ fn open_sessions<E>(tx: &Transaction<'_>) -> Result<Vec<OpenSessionRow>, Outcome
     let mut open = Vec::with_capacity(rows.len());
     for (id, scope, account_id, billed_account_id, path) in rows {
         let uuids = devices
-            .query_map(params![id], |row| Ok(DeviceUuid::new(row.get::<_, String>(0)?)))?
+            .query_map(params![id], |row| {
+                Ok(DeviceUuid::new(row.get::<_, String>(0)?))
+            })?
             .collect::<Result<Vec<_>, _>>()?;
         open.push(OpenSessionRow {
             id: SessionId(id),

@@ -12,9 +12,9 @@ use clap::{Parser, Subcommand};
 use gpuwarden::api::{client, status};
 use gpuwarden::config::{Config, DEFAULT_UNIX_SOCKET, GpuSource, Mode};
 use gpuwarden::gpu::{self, DeviceUuid};
-use gpuwarden::policy::Policy;
 use gpuwarden::inventory::InventoryView;
 use gpuwarden::logging::{self, LogFormat};
+use gpuwarden::policy::Policy;
 use gpuwarden::proto;
 
 /// Exit code of a config that cannot be used (EX_USAGE): systemd's unit

@@ -10,7 +10,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, docker, test_image};
+use common::{Daemon, docker, test_image, wait_for_session};
 use gpuwarden::api::status::reason_of;
 use gpuwarden::clock::UnixNanos;
 use gpuwarden::proto;
@@ -73,26 +73,6 @@ async fn get(client: &mut NodeAgentClient<Channel>, id: &str) -> proto::Session 
         .await
         .unwrap()
         .into_inner()
-}
-
-/// Polls the session until `done` holds (bounded).
-async fn wait_for(
-    client: &mut NodeAgentClient<Channel>,
-    id: &str,
-    done: impl Fn(&proto::Session) -> bool,
-) -> proto::Session {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let session = get(client, id).await;
-        if done(&session) {
-            return session;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "session never reached the state: {session:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn docker_time(container: &str, field: &str) -> UnixNanos {
@@ -389,7 +369,7 @@ async fn a_container_that_exits_ends_its_session_at_dockers_finish_time() {
         .await
         .unwrap()
         .into_inner();
-    let done = wait_for(&mut client, &session.id, ended).await;
+    let done = wait_for_session(&mut client, &session.id, ended).await;
     assert_eq!(done.end_reason(), proto::EndReason::Exited);
     assert!(
         done.end_detail.contains("exit code 3"),

@@ -5,12 +5,12 @@ use std::time::SystemTime;
 
 use crate::clock::UnixNanos;
 use crate::error::{Reason, Refusal};
+use crate::events::{BalanceNotice, Event, EventKind};
 use crate::gpu::{BackendKind, DeviceUuid};
 use crate::inventory::{DeviceKind, DeviceView, Health, InventoryView};
-use crate::proto;
-use crate::events::{BalanceNotice, Event, EventKind};
 use crate::ledger::{Actor, AuditEntry};
 use crate::metering::Credits;
+use crate::proto;
 use crate::session::manager::UsageReport;
 use crate::session::request::{ContainerRequest, LaunchRequest, VolumeRequest};
 use crate::session::{
@@ -333,7 +333,11 @@ fn end_reason_to_proto(reason: Option<EndReason>) -> i32 {
 /// A timestamp of a request as nanoseconds; unset is `default`.
 pub fn request_time(at: Option<prost_types::Timestamp>, default: UnixNanos) -> UnixNanos {
     at.map_or(default, |t| {
-        UnixNanos(t.seconds.saturating_mul(1_000_000_000).saturating_add(i64::from(t.nanos)))
+        UnixNanos(
+            t.seconds
+                .saturating_mul(1_000_000_000)
+                .saturating_add(i64::from(t.nanos)),
+        )
     })
 }
 

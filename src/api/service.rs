@@ -19,9 +19,9 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use crate::agent::Agent;
 use crate::clock::UnixNanos;
+use crate::error::{Reason, Refusal};
 use crate::ledger::{Actor, AuditFilter};
 use crate::metering::Credits;
-use crate::error::{Reason, Refusal};
 use crate::proto;
 use crate::proto::node_agent_server::NodeAgent;
 use crate::session::manager::DEFAULT_STOP_GRACE;
@@ -158,9 +158,7 @@ impl NodeAgent for NodeAgentService {
         let sessions = self.agent.sessions();
         let from = convert::request_time(usage.from, UnixNanos(0));
         let to = convert::request_time(usage.to, sessions.now());
-        let report = sessions
-            .usage(&caller, &usage.account_id, from, to)
-            .await?;
+        let report = sessions.usage(&caller, &usage.account_id, from, to).await?;
         Ok(Response::new(convert::usage_report(&report)))
     }
 
@@ -236,7 +234,9 @@ impl NodeAgent for NodeAgentService {
         let list = request.into_inner();
         let filter = AuditFilter {
             account_id: (!list.account_id.is_empty()).then_some(list.account_id),
-            since: list.since.map(|t| convert::request_time(Some(t), UnixNanos(0))),
+            since: list
+                .since
+                .map(|t| convert::request_time(Some(t), UnixNanos(0))),
             limit: match list.limit {
                 0 => 100,
                 limit => limit.min(10_000),

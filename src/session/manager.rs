@@ -20,15 +20,15 @@ use crate::allocation::{self, DeviceSelector, Unavailable};
 use crate::clock::{Clock, UnixNanos};
 use crate::config::DeviceInjection;
 use crate::error::{Reason, Refusal};
-use crate::gpu::{AssignableDevice, DeviceUuid};
 use crate::events::{BalanceNotice, EventBus, EventFilter, EventKind};
+use crate::gpu::{AssignableDevice, DeviceUuid};
 use crate::ledger::{
     Actor, Adjustment, Admitted, AuditAction, AuditEntry, AuditFilter, AuditRecord, BeginError,
     Begun, Ledger, LedgerError, LedgerView, NewSession, SessionFilter, UsageTotal,
 };
+use crate::metering::{Credits, Rate};
 use crate::policy::admission::{self, LaunchAccount, OpenSession};
 use crate::policy::{AccountKind, OnBalanceExhausted, Policy};
-use crate::metering::{Credits, Rate};
 use crate::runtime::{
     ContainerEvent, ContainerEventKind, ContainerId, ContainerRuntime, ContainerSpec,
     ContainerState, DeviceRequest, RuntimeError, VolumeMount, labels,
@@ -201,6 +201,20 @@ impl SessionManager {
         }
     }
 
+    /// A policy file that failed validation on reload: audited with why.
+    pub async fn policy_reload_refused(&self, error: String) {
+        self.audit(AuditRecord {
+            at: self.clock.now(),
+            action: AuditAction::PolicyReloadRefused,
+            actor: Actor::Operator,
+            account_id: String::new(),
+            session_id: String::new(),
+            reason: Reason::InvalidRequest.as_str().to_owned(),
+            detail: error,
+        })
+        .await;
+    }
+
     /// Appends to the audit trail; a ledger that cannot take it is logged
     /// (the action itself already happened or was refused).
     async fn audit(&self, record: AuditRecord) {
@@ -293,12 +307,8 @@ impl SessionManager {
             unavailable.entry(device).or_insert(Unavailable::Foreign);
         }
         let policy = self.policy();
-        let account = admission::authorize_launch(
-            &policy,
-            &plan.principal,
-            plan.scope,
-            &plan.account_id,
-        )?;
+        let account =
+            admission::authorize_launch(&policy, &plan.principal, plan.scope, &plan.account_id)?;
         let now = self.clock.now();
         let new = NewSession {
             id: SessionId::generate(),
@@ -318,7 +328,15 @@ impl SessionManager {
         let begun = self
             .ledger
             .begin_session(new, move |view| {
-                admit(&policy, &account, view, &devices, unavailable, &selector, now)
+                admit(
+                    &policy,
+                    &account,
+                    view,
+                    &devices,
+                    unavailable,
+                    &selector,
+                    now,
+                )
             })
             .await;
         let session = match begun {
@@ -561,7 +579,9 @@ impl SessionManager {
         if billed != account_id {
             return Err(Refusal::new(
                 Reason::InvalidRequest,
-                format!("{account_id} is a sub-account billed to {billed}; adjust {billed}'s balance"),
+                format!(
+                    "{account_id} is a sub-account billed to {billed}; adjust {billed}'s balance"
+                ),
             ));
         }
         if reason.trim().is_empty() {
@@ -950,32 +970,32 @@ impl SessionManager {
                             .mark_running(id, &state.id.0, started_at)
                             .await?;
                         self.close(
-                                id,
-                                state.finished_at,
-                                EndReason::Exited,
-                                exit_detail(&state),
-                            )
-                            .await?;
+                            id,
+                            state.finished_at,
+                            EndReason::Exited,
+                            exit_detail(&state),
+                        )
+                        .await?;
                     } else {
                         self.runtime.remove(&state.id).await.map_err(engine)?;
                         self.close(
-                                id,
-                                None,
-                                EndReason::LaunchFailed,
-                                "launch interrupted".into(),
-                            )
-                            .await?;
+                            id,
+                            None,
+                            EndReason::LaunchFailed,
+                            "launch interrupted".into(),
+                        )
+                        .await?;
                     }
                     Ok(())
                 }
                 None => {
                     self.close(
-                            id,
-                            None,
-                            EndReason::LaunchFailed,
-                            "launch interrupted before a container existed".into(),
-                        )
-                        .await?;
+                        id,
+                        None,
+                        EndReason::LaunchFailed,
+                        "launch interrupted before a container existed".into(),
+                    )
+                    .await?;
                     Ok(())
                 }
             };
@@ -1140,17 +1160,15 @@ impl SessionManager {
         }
         let mut states = Vec::new();
         for (billed, sessions) in &by_billed {
-            let balance = policy.opening_balance(billed)
-                + deltas.get(*billed).copied().unwrap_or_default();
+            let balance =
+                policy.opening_balance(billed) + deltas.get(*billed).copied().unwrap_or_default();
             let per_second: Credits = sessions
                 .iter()
                 .flat_map(|s| s.devices.iter().map(|d| d.rate.0))
                 .sum();
-            let low_mark = Credits(
-                per_second
-                    .0
-                    .saturating_mul(i64::try_from(enforcement.min_balance_seconds).unwrap_or(i64::MAX)),
-            );
+            let low_mark = Credits(per_second.0.saturating_mul(
+                i64::try_from(enforcement.min_balance_seconds).unwrap_or(i64::MAX),
+            ));
             let state = if balance <= Credits::ZERO {
                 Some(BalanceState::Exhausted)
             } else if balance < low_mark {
@@ -1165,7 +1183,12 @@ impl SessionManager {
                     wanted.insert(session.id.clone(), EndReason::BalanceExhausted);
                 }
             }
-            states.push((billed.to_string(), balance, state, sessions.iter().map(|s| s.id.clone()).collect::<Vec<_>>()));
+            states.push((
+                billed.to_string(),
+                balance,
+                state,
+                sessions.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
+            ));
         }
         let devices: Vec<Vec<DeviceUuid>> = running
             .iter()
@@ -1187,7 +1210,10 @@ impl SessionManager {
 
         let grace = i64::try_from(enforcement.grace.as_nanos()).unwrap_or(i64::MAX);
         let (newly, due) = {
-            let mut scheduled = self.scheduled.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut scheduled = self
+                .scheduled
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             scheduled.retain(|id, stop| wanted.get(id) == Some(&stop.reason));
             let mut newly = Vec::new();
             for (id, reason) in &wanted {
@@ -1257,7 +1283,10 @@ impl SessionManager {
             .balance_notices
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let scheduled = self.scheduled.lock().unwrap_or_else(PoisonError::into_inner);
+        let scheduled = self
+            .scheduled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         for (account_id, balance, state, session_ids) in states {
             let previous = match state {
                 Some(state) => notices.insert(account_id.clone(), state),
@@ -1370,7 +1399,6 @@ pub fn volume_name(account_id: &str, name: &str) -> String {
     format!("gpuwarden.{account_id}.{name}")
 }
 
-
 fn exit_detail(state: &ContainerState) -> String {
     match state.exit_code {
         Some(code) => format!("exit code {code}"),
@@ -1404,6 +1432,7 @@ fn principal_required() -> Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::Event;
     use crate::gpu::simulated::load_fixture;
     use crate::runtime::fake::{FakeCall, FakeCallKind, FakeRuntime};
     use crate::session::request::{ContainerRequest, LaunchRequest};
@@ -1429,6 +1458,21 @@ mod tests {
     }
 
     fn setup(injection: DeviceInjection) -> Setup {
+        let policy = Policy::load(Path::new("fixtures/policy-test.toml"), None)
+            .unwrap()
+            .policy;
+        setup_with(injection, policy)
+    }
+
+    /// A manager under a policy written inline.
+    fn setup_with_policy(text: &str) -> Setup {
+        let policy = Policy::parse(Path::new("inline-policy.toml"), text, None)
+            .unwrap()
+            .policy;
+        setup_with(DeviceInjection::Env, policy)
+    }
+
+    fn setup_with(injection: DeviceInjection, policy: Policy) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open(dir.path()).unwrap();
         let runtime = Arc::new(FakeRuntime::new());
@@ -1440,11 +1484,7 @@ mod tests {
             ledger,
             runtime.clone(),
             Arc::new(EngineClock(runtime.clone())),
-            Arc::new(
-                Policy::load(Path::new("fixtures/policy-test.toml"), None)
-                    .unwrap()
-                    .policy,
-            ),
+            Arc::new(policy),
             Arc::new(EventBus::new()),
         );
         let devices = load_fixture(Path::new("fixtures/sim-dgx-a100.toml"))
@@ -1700,6 +1740,380 @@ mod tests {
         assert_eq!(ended.recorded.device_ms, 70_000);
         assert!((ended.recorded.gpu_seconds - 10.0).abs() < 1e-9);
         assert!(s.manager.busy_devices().await.unwrap().is_empty());
+    }
+
+    /// One A100 at 0.01 credits a second; a launch needs 10 s of credit.
+    const SMALL_BALANCE: &str = r#"
+        [rates]
+        default = 0.01
+        [enforcement]
+        min_balance_seconds = 10
+        grace_seconds = 30
+        on_balance_exhausted = "stop"
+        [[users]]
+        id = "u-alice"
+        email = "a@example.com"
+        plan = "pro"
+        balance = 0.5
+    "#;
+
+    fn alice_gpu(request_id: &str) -> LaunchPlan {
+        plan(request_id, None)
+    }
+
+    fn drain_events(receiver: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<EventKind> {
+        let mut kinds = Vec::new();
+        while let Ok(event) = receiver.try_recv() {
+            kinds.push(event.kind);
+        }
+        kinds
+    }
+
+    #[tokio::test]
+    async fn each_checkpoint_debits_the_billed_balance_by_the_cost_of_its_records() {
+        let s = setup_with_policy(SMALL_BALANCE);
+        let session = s
+            .manager
+            .launch(alice_gpu("r1"), s.devices.clone(), Vec::new())
+            .await
+            .unwrap();
+        s.runtime.advance(Duration::from_millis(12_345));
+        s.manager.reconcile(false).await.unwrap();
+        let checkpointed = s.manager.get(&OPERATOR, &session.id).await.unwrap();
+        assert_eq!(checkpointed.recorded.cost, Credits(123_450_000));
+        assert_eq!(
+            s.manager.balance_of("u-alice").await.unwrap(),
+            Credits::from_f64(0.5) - Credits(123_450_000)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_balance_too_low_for_the_minimum_refuses_the_launch_before_any_container() {
+        let s = setup_with_policy(&SMALL_BALANCE.replace("balance = 0.5", "balance = 0.099"));
+        let refusal = s
+            .manager
+            .launch(alice_gpu("r1"), s.devices.clone(), Vec::new())
+            .await
+            .unwrap_err();
+        assert_eq!(refusal.reason, Reason::BalanceExhausted);
+        assert!(s.runtime.calls().is_empty(), "{:?}", s.runtime.calls());
+        assert!(s.manager.ledger().holds().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_balance_stops_its_sessions_after_the_grace_period_and_says_so() {
+        let s = setup_with_policy(SMALL_BALANCE);
+        let mut events = s.manager.events().subscribe();
+        let session = s
+            .manager
+            .launch(alice_gpu("r1"), s.devices.clone(), Vec::new())
+            .await
+            .unwrap();
+        // 0.5 credits at 0.01/s last 50 s.
+        s.runtime.advance(Duration::from_secs(45));
+        s.manager.reconcile(false).await.unwrap();
+        s.manager.enforce().await.unwrap();
+        let kinds = drain_events(&mut events);
+        assert!(
+            kinds
+                .iter()
+                .any(|k| matches!(k, EventKind::BalanceLow(n) if n.account_id == "u-alice")),
+            "{kinds:?}"
+        );
+
+        s.runtime.advance(Duration::from_secs(6));
+        s.manager.reconcile(false).await.unwrap();
+        s.manager.enforce().await.unwrap();
+        let exhausted_at = s.runtime.now();
+        let kinds = drain_events(&mut events);
+        let stop_at = UnixNanos(exhausted_at.0 + 30_000_000_000);
+        assert!(
+            kinds.contains(&EventKind::SessionStopScheduled {
+                session_id: session.id.clone(),
+                account_id: "u-alice".into(),
+                reason: EndReason::BalanceExhausted,
+                stop_at,
+            }),
+            "{kinds:?}"
+        );
+        assert!(
+            kinds
+                .iter()
+                .any(|k| matches!(k, EventKind::BalanceExhausted(n)
+                if n.session_ids == vec![session.id.clone()] && n.stop_at == Some(stop_at)
+                    && n.balance < Credits::ZERO)),
+            "{kinds:?}"
+        );
+        // Within the grace period it runs on.
+        s.runtime.advance(Duration::from_secs(29));
+        s.manager.enforce().await.unwrap();
+        let running = s.manager.get(&OPERATOR, &session.id).await.unwrap();
+        assert_eq!(running.state, SessionState::Running);
+
+        s.runtime.advance(Duration::from_secs(1));
+        s.manager.enforce().await.unwrap();
+        let ended = s.manager.get(&OPERATOR, &session.id).await.unwrap();
+        assert_eq!(ended.state, SessionState::Ended);
+        assert_eq!(ended.end_reason, Some(EndReason::BalanceExhausted));
+        assert_eq!(ended.ended_at, Some(stop_at));
+        let kinds = drain_events(&mut events);
+        assert!(
+            kinds
+                .iter()
+                .any(|k| matches!(k, EventKind::SessionEnded(r) if r.id == session.id)),
+            "{kinds:?}"
+        );
+        // Billed to the end: 81 s at 0.01.
+        assert_eq!(ended.recorded.cost, Credits::from_f64(0.81));
+        assert_eq!(
+            s.manager.balance_of("u-alice").await.unwrap(),
+            Credits::from_f64(0.5 - 0.81)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_top_up_within_the_grace_period_cancels_the_stop() {
+        let s = setup_with_policy(SMALL_BALANCE);
+        let session = s
+            .manager
+            .launch(alice_gpu("r1"), s.devices.clone(), Vec::new())
+            .await
+            .unwrap();
+        s.runtime.advance(Duration::from_secs(60));
+        s.manager.reconcile(false).await.unwrap();
+        s.manager.enforce().await.unwrap();
+        s.runtime.advance(Duration::from_secs(10));
+        let (_, balance) = s
+            .manager
+            .adjust_balance(&OPERATOR, "u-alice", Credits::from_f64(100.0), "invoice 42")
+            .await
+            .unwrap();
+        assert_eq!(balance, Credits::from_f64(100.5 - 0.6));
+        s.runtime.advance(Duration::from_secs(60));
+        s.manager.reconcile(false).await.unwrap();
+        s.manager.enforce().await.unwrap();
+        let running = s.manager.get(&OPERATOR, &session.id).await.unwrap();
+        assert_eq!(running.state, SessionState::Running);
+        let audit = s
+            .manager
+            .audit_trail(
+                &OPERATOR,
+                AuditFilter {
+                    account_id: Some("u-alice".into()),
+                    since: None,
+                    limit: 10,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(audit[0].record.action, AuditAction::AdjustBalance);
+        assert!(audit[0].record.detail.contains("invoice 42"), "{audit:?}");
+        assert_eq!(audit[1].record.action, AuditAction::Launch);
+    }
+
+    #[tokio::test]
+    async fn with_continue_an_exhausted_balance_is_announced_and_the_session_runs_on() {
+        let s = setup_with_policy(&SMALL_BALANCE.replace("\"stop\"", "\"continue\""));
+        let mut events = s.manager.events().subscribe();
+        let session = s
+            .manager
+            .launch(alice_gpu("r1"), s.devices.clone(), Vec::new())
+            .await
+            .unwrap();
+        s.runtime.advance(Duration::from_secs(200));
+        s.manager.reconcile(false).await.unwrap();
+        s.manager.enforce().await.unwrap();
+        s.runtime.advance(Duration::from_secs(200));
+        s.manager.enforce().await.unwrap();
+        let kinds = drain_events(&mut events);
+        assert!(
+            kinds
+                .iter()
+                .any(|k| matches!(k, EventKind::BalanceExhausted(n) if n.stop_at.is_none())),
+            "{kinds:?}"
+        );
+        assert!(
+            !kinds
+                .iter()
+                .any(|k| matches!(k, EventKind::SessionStopScheduled { .. }))
+        );
+        let running = s.manager.get(&OPERATOR, &session.id).await.unwrap();
+        assert_eq!(running.state, SessionState::Running);
+    }
+
+    /// GPU index 7 of sim-dgx-a100, reserved for acme from 10 s after the
+    /// fake engine's start (2023-11-14T22:13:20Z).
+    const GPU7: &str = "GPU-6a5da790-0728-45bf-9407-3e280f594b6d";
+    const RESERVED_SOON: &str = r#"
+        [rates]
+        default = 0.01
+        [enforcement]
+        grace_seconds = 5
+        [[users]]
+        id = "u-alice"
+        email = "a@example.com"
+        plan = "pro"
+        balance = 100.0
+        [[users]]
+        id = "u-bob"
+        email = "b@example.com"
+        plan = "pro"
+        balance = 100.0
+        [[orgs]]
+        id = "acme"
+        name = "Acme"
+        plan = "business"
+        balance = 100.0
+        members = [{ user = "u-alice", role = "owner" }]
+        [[orgs]]
+        id = "acme-vision"
+        name = "Acme Vision"
+        parent = "acme"
+        members = [{ user = "u-alice", role = "member" }]
+        [[reservations]]
+        org = "acme"
+        devices = ["GPU-6a5da790-0728-45bf-9407-3e280f594b6d"]
+        windows = [{ start = "2023-11-14T22:13:30Z", end = "2023-11-14T23:13:30Z" }]
+        billing = "reservation"
+    "#;
+
+    fn exact(request_id: &str, subject: &str, scope: Scope, org: &str) -> LaunchPlan {
+        LaunchRequest {
+            request_id: request_id.into(),
+            principal: Some(Principal {
+                subject: subject.into(),
+                kind: PrincipalKind::User,
+            }),
+            scope: Some(scope),
+            org_id: org.into(),
+            device_uuids: vec![GPU7.into()],
+            container: ContainerRequest {
+                image: "busybox".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .validate()
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_reservation_window_opening_stops_other_accounts_sessions_after_the_grace() {
+        let s = setup_with_policy(RESERVED_SOON);
+        let bobs = s
+            .manager
+            .launch(
+                exact("r1", "u-bob", Scope::Personal, ""),
+                s.devices.clone(),
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(bobs.billing_path, BillingPath::Balance);
+        s.runtime.advance(Duration::from_millis(9_999));
+        s.manager.enforce().await.unwrap();
+        s.runtime.advance(Duration::from_millis(1));
+        s.manager.enforce().await.unwrap();
+        assert_eq!(
+            s.manager.get(&OPERATOR, &bobs.id).await.unwrap().state,
+            SessionState::Running
+        );
+        s.runtime.advance(Duration::from_secs(5));
+        s.manager.enforce().await.unwrap();
+        let ended = s.manager.get(&OPERATOR, &bobs.id).await.unwrap();
+        assert_eq!(ended.end_reason, Some(EndReason::ReservationStarted));
+
+        // In the window: others are refused, the org's sub-account gets it
+        // on the reservation's billing path, metered and not debited.
+        let refusal = s
+            .manager
+            .launch(
+                exact("r2", "u-bob", Scope::Personal, ""),
+                s.devices.clone(),
+                Vec::new(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(refusal.reason, Reason::DeviceReserved);
+        let vision = s
+            .manager
+            .launch(
+                exact("r3", "u-alice", Scope::Org, "acme-vision"),
+                s.devices.clone(),
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(vision.billing_path, BillingPath::Reservation);
+        assert_eq!(vision.billed_account_id, "acme");
+        s.runtime.advance(Duration::from_secs(100));
+        s.manager.reconcile(false).await.unwrap();
+        let metered = s.manager.get(&OPERATOR, &vision.id).await.unwrap();
+        assert_eq!(metered.recorded.device_ms, 100_000);
+        assert_eq!(
+            s.manager.balance_of("acme").await.unwrap(),
+            Credits::from_f64(100.0)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sub_accounts_usage_is_billed_to_the_top_and_reported_under_the_parent() {
+        let s = setup_with_policy(RESERVED_SOON);
+        let plan = LaunchRequest {
+            request_id: "r1".into(),
+            principal: Some(Principal {
+                subject: "u-alice".into(),
+                kind: PrincipalKind::User,
+            }),
+            scope: Some(Scope::Org),
+            org_id: "acme-vision".into(),
+            gpu_count: 1,
+            container: ContainerRequest {
+                image: "busybox".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let session = s
+            .manager
+            .launch(plan, s.devices.clone(), Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(session.billed_account_id, "acme");
+        s.runtime.advance(Duration::from_secs(10));
+        s.manager
+            .stop(&OPERATOR, &session.id, Duration::from_secs(1))
+            .await
+            .unwrap();
+        let report = s
+            .manager
+            .usage(&OPERATOR, "acme", UnixNanos(0), s.runtime.now())
+            .await
+            .unwrap();
+        assert_eq!(report.billed_account_id, "acme");
+        assert_eq!(report.lines.len(), 1, "{report:?}");
+        assert_eq!(report.lines[0].account_id, "acme-vision");
+        assert_eq!(report.lines[0].device_ms, 10_000);
+        assert_eq!(report.lines[0].cost, Credits::from_f64(0.1));
+        assert_eq!(report.balance, Credits::from_f64(99.9));
+        // A plain member of acme-vision who owns acme is its owner too.
+        let alice = Caller {
+            principal: Some(Principal {
+                subject: "u-alice".into(),
+                kind: PrincipalKind::User,
+            }),
+            operator: false,
+        };
+        let refusal = s
+            .manager
+            .usage(&alice, "acme-vision", UnixNanos(0), s.runtime.now())
+            .await;
+        assert!(
+            refusal.is_ok(),
+            "the owner of acme is owner of acme-vision: {refusal:?}"
+        );
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use gpuwarden::api::client;
+use gpuwarden::proto;
 use gpuwarden::proto::node_agent_client::NodeAgentClient;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -201,5 +202,32 @@ pub fn remove_containers(label: &str) {
             .arg("-f")
             .args(&ids)
             .output();
+    }
+}
+
+/// Polls a session (as the local operator) until `done` holds, bounded.
+pub async fn wait_for_session(
+    client: &mut NodeAgentClient<Channel>,
+    id: &str,
+    done: impl Fn(&proto::Session) -> bool,
+) -> proto::Session {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let session = client
+            .get_session(proto::GetSessionRequest {
+                session_id: id.into(),
+                principal: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if done(&session) {
+            return session;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "session never reached the state: {session:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
