@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use common::{Daemon, test_image};
 use gpuwarden::proto;
 use gpuwarden::runtime::docker::DockerRuntime;
-use gpuwarden::runtime::{ContainerRuntime, ContainerSpec, DeviceRequest, Network, labels};
+use gpuwarden::runtime::{
+    ContainerId, ContainerRuntime, ContainerSpec, DeviceRequest, Network, labels,
+};
 
 const MIG: &str = "MIG-0d4b7102-166c-4d26-804d-35a10322fc1b";
 
@@ -100,12 +102,15 @@ async fn main() {
             .stop(proto::StopRequest {
                 session_id: session.id,
                 principal: None,
-                timeout_seconds: 0,
+                timeout_seconds: 1,
             })
             .await
             .unwrap();
         docker.remove(&id).await.unwrap();
-        common::remove_containers(&format!("dev.gpuwarden.session={}", session.container_id));
+        docker
+            .remove(&ContainerId(session.container_id))
+            .await
+            .unwrap();
         if round >= 2 {
             // The first rounds warm caches on both sides.
             through_agent.push(agent_time);
