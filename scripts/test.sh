@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command, on a fresh Debian/Ubuntu machine or a dev box:
 #   1. as root, installs what the tests need when it is missing: the Docker
-#      engine (docker.io), busybox-static (for the test image) and prometheus
-#      (for promtool);
+#      engine (docker.io), busybox-static (for the test image), prometheus
+#      (for promtool) and systemd (for systemd-analyze);
 #   2. starts dockerd when none answers, and imports the busybox test image;
 #   3. runs cargo fmt --check, cargo clippy -D warnings, and cargo test.
 # Not root and something missing: it says what, and the tests that need it fail.
@@ -17,6 +17,8 @@ command -v dockerd >/dev/null || missing+=(docker.io)
 # The image needs the static build: it runs alone in an empty rootfs.
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 command -v promtool >/dev/null || missing+=(prometheus)
+# systemd-analyze verify checks systemd/gpuwarden.service.
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     log "installing ${missing[*]}"

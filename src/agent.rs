@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use crate::error::Refusal;
 use crate::gpu::{self, DeviceUuid, GpuBackend, GpuError, HostInventory};
-use crate::inventory::InventoryView;
+use crate::inventory::{InventoryView, LinkView};
 use crate::policy::Policy;
 use crate::session::manager::SessionManager;
 use crate::session::request::LaunchRequest;
@@ -80,6 +80,14 @@ impl Agent {
             device.session_id = busy.get(&device.uuid).cloned();
         }
         view.draining = self.sessions.is_draining();
+        if let Some(link) = self.sessions.link_state() {
+            view.control_plane = Some(LinkView {
+                up: link.is_up(),
+                since: link.changed_at().to_system_time(),
+                policy_version: link.policy_version(),
+                outbox_backlog: self.sessions.ledger().outbox_backlog().await?,
+            });
+        }
         Ok(view)
     }
 
@@ -120,7 +128,7 @@ impl Agent {
     }
 
     /// The UUIDs of the devices found by the last scan.
-    fn device_uuids(&self) -> HashSet<DeviceUuid> {
+    pub fn device_uuids(&self) -> HashSet<DeviceUuid> {
         self.scan()
             .inventory
             .assignable()

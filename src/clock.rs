@@ -34,6 +34,23 @@ impl UnixNanos {
         (nanos.0 > 0).then_some(nanos)
     }
 
+    /// As a protobuf timestamp (the wire form of the APIs).
+    pub fn to_timestamp(self) -> prost_types::Timestamp {
+        prost_types::Timestamp {
+            seconds: self.0.div_euclid(1_000_000_000),
+            nanos: i32::try_from(self.0.rem_euclid(1_000_000_000)).unwrap_or_default(),
+        }
+    }
+
+    /// From a protobuf timestamp, saturating far outside the i64 range.
+    pub fn from_timestamp(at: &prost_types::Timestamp) -> Self {
+        Self(
+            at.seconds
+                .saturating_mul(1_000_000_000)
+                .saturating_add(i64::from(at.nanos)),
+        )
+    }
+
     /// Whole milliseconds since the epoch, rounded down.
     pub fn millis(self) -> i64 {
         self.0.div_euclid(1_000_000)

@@ -17,14 +17,21 @@ use crate::api::server::{self, ApiError};
 use crate::clock::SystemClock;
 use crate::config::{Config, Mode};
 use crate::error::Refusal;
+use crate::clock::Clock as _;
+use crate::control_plane::LinkState;
+use crate::control_plane::client::{ClientSetupError, GrpcControlPlane};
+use crate::control_plane::link::Link;
 use crate::events::EventBus;
 use crate::gpu::{self, GpuError};
 use crate::ledger::{Ledger, LedgerError};
 use crate::policy::Policy;
 use crate::runtime::RuntimeError;
 use crate::runtime::docker::DockerRuntime;
-use crate::session::manager::{SessionManager, SessionSettings};
+use crate::session::manager::{CreditControl, SessionManager, SessionSettings};
 use crate::toml_file::FileError;
+
+/// How often grants are checked in control-plane mode.
+const CREDIT_TICK: Duration = Duration::from_secs(1);
 
 /// How long in-flight requests get to finish after a stop signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,6 +52,9 @@ pub enum DaemonError {
     /// The policy file cannot be used.
     #[error(transparent)]
     Policy(#[from] FileError),
+    /// The control plane's client cannot be set up from the config.
+    #[error(transparent)]
+    ControlPlane(#[from] ClientSetupError),
     /// The signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
@@ -55,7 +65,7 @@ impl DaemonError {
     /// (a restart alone will not help).
     pub fn is_config_problem(&self) -> bool {
         match self {
-            Self::Gpu(GpuError::Fixture(_)) | Self::Policy(_) => true,
+            Self::Gpu(GpuError::Fixture(_)) | Self::Policy(_) | Self::ControlPlane(_) => true,
             Self::Api(api) => api.is_config_problem(),
             _ => false,
         }
@@ -68,7 +78,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let ledger = Ledger::open(&config.state_dir)?;
     tracing::info!(path = %ledger.path().display(), "ledger open");
     let runtime = Arc::new(DockerRuntime::connect(&config.docker.socket).await?);
-    let sessions = Arc::new(SessionManager::new(
+    // Control-plane mode: the client is prepared (TLS files read) now; it
+    // dials once everything else serves.
+    let credit = match &config.mode {
+        Mode::ControlPlane(cp) => Some(CreditControl {
+            plane: Arc::new(GrpcControlPlane::new(cp).await?),
+            link: Arc::new(LinkState::down_from(SystemClock.now())),
+            offline_grace: cp.offline_grace,
+            node_id: config.node_id.clone(),
+        }),
+        Mode::Standalone { .. } => None,
+    };
+    let mut sessions = SessionManager::new(
         SessionSettings {
             node_id: config.node_id.clone(),
             injection: config.docker.device_injection,
@@ -79,7 +100,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         // Until the file is read against the discovered devices below.
         Arc::new(Policy::empty()),
         Arc::new(EventBus::new()),
-    ));
+    );
+    if let Some(credit) = credit.clone() {
+        sessions = sessions.with_credit_control(credit);
+    }
+    let sessions = Arc::new(sessions);
     // Adopt what kept running while the agent was away, close what ended.
     sessions
         .reconcile(true)
@@ -93,6 +118,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     match &policy_file {
         Some(path) => agent.load_policy(path)?,
+        None if credit.is_some() => {}
         None => tracing::warn!(
             "no policy file ([policy] file): no account is known, so every launch is refused with UNKNOWN_ACCOUNT"
         ),
@@ -116,19 +142,51 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             .checkpoint_loop(config.checkpoint_interval, shutdown.clone())
             .instrument(tracing::info_span!("checkpoints")),
     );
+    if let Some(credit) = &credit {
+        let link = Arc::new(Link::new(
+            Arc::clone(&credit.plane),
+            Arc::clone(&credit.link),
+            Arc::clone(&agent),
+        ));
+        tasks.spawn(
+            Arc::clone(&link)
+                .run(shutdown.clone())
+                .instrument(tracing::info_span!("control_plane")),
+        );
+        tasks.spawn(
+            link.deliver_usage(shutdown.clone())
+                .instrument(tracing::info_span!("usage_delivery")),
+        );
+        tasks.spawn(
+            Arc::clone(&sessions)
+                .credit_loop(CREDIT_TICK, shutdown.clone())
+                .instrument(tracing::info_span!("credit_control")),
+        );
+    }
     tracing::info!(node_id = %config.node_id, "gpuwarden is ready");
+    // systemd: READY=1 only now that the API serves (see crate::systemd).
+    let notifier = crate::systemd::Notifier::from_env();
+    notifier.ready_with_status(&crate::systemd::serving_status(&agent).await);
+    let mut heartbeat = notifier.heartbeat();
 
     // Reload on SIGHUP until the one stop signal, then drain within a bound.
     let signal_name = loop {
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
-            _ = sighup.recv() => match &policy_file {
-                Some(path) => agent.reload_policy(path).await,
-                None => tracing::info!("SIGHUP: no policy file to reload"),
-            },
+            _ = sighup.recv() => {
+                notifier.reloading(); // systemd: RELOADING=1 ... READY=1
+                match &policy_file {
+                    Some(path) => agent.reload_policy(path).await,
+                    None => tracing::info!("SIGHUP: no policy file to reload"),
+                }
+                notifier.ready_with_status(&crate::systemd::serving_status(&agent).await);
+            }
+            // systemd: WATCHDOG=1 from this loop, so a hung loop gets restarted.
+            _ = heartbeat.tick() => notifier.beat(&agent).await,
         }
     };
+    notifier.stopping(); // systemd: STOPPING=1
     tracing::info!(
         signal = signal_name,
         "stopping: finishing in-flight requests"

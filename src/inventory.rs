@@ -79,6 +79,19 @@ pub struct InventoryView {
     pub assignable: usize,
     /// GPUs in index order, each followed by its MIG instances.
     pub devices: Vec<DeviceView>,
+    /// The control-plane link, in control-plane mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_plane: Option<LinkView>,
+}
+
+/// The agent's link to the control plane as `ctl` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LinkView {
+    pub up: bool,
+    #[serde(with = "rfc3339")]
+    pub since: SystemTime,
+    pub policy_version: u64,
+    pub outbox_backlog: u64,
 }
 
 impl InventoryView {
@@ -164,6 +177,7 @@ impl InventoryView {
             scanned_at,
             draining,
             devices,
+            control_plane: None,
         }
     }
 
@@ -180,6 +194,16 @@ impl InventoryView {
             self.backend.as_str(),
             if self.draining { "  DRAINING" } else { "" }
         );
+        if let Some(link) = &self.control_plane {
+            let _ = writeln!(
+                out,
+                "control plane {} since {}  policy v{}  usage backlog {}",
+                if link.up { "up" } else { "DOWN" },
+                humantime::format_rfc3339_seconds(link.since),
+                link.policy_version,
+                link.outbox_backlog
+            );
+        }
         let _ = writeln!(
             out,
             "{:<4} {:<44} {:<28} {:>10}  {:<9} {:<10} SESSION",

@@ -237,6 +237,53 @@ pub struct UsageTotal {
     pub cost: Credits,
 }
 
+text_enum!(
+    /// RFC 4006 Final-Unit-Action: what happens when a final grant is used.
+    FinalUnitAction {
+        Terminate = "terminate",
+        Continue = "continue",
+    }
+);
+
+/// A session's credit control as the ledger keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditState {
+    pub session_id: SessionId,
+    /// RFC 4006 CC-Request-Number of the last request answered.
+    pub cc_request_number: u64,
+    /// The grant in force runs out here.
+    pub granted_until: UnixNanos,
+    /// The length of the last grant.
+    pub granted_ns: i64,
+    /// Set when no more will be granted: what to do at `granted_until`.
+    pub final_unit: Option<(FinalUnitAction, EndReason)>,
+    /// Used units are reported up to here.
+    pub reported_until: Option<UnixNanos>,
+    /// When the terminate (ReleaseSession) was acknowledged.
+    pub released_at: Option<UnixNanos>,
+}
+
+/// A usage record of the outbox with its session's facts, ready to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRecord {
+    pub id: String,
+    pub session_id: String,
+    pub node_id: String,
+    pub account_id: String,
+    pub billed_account_id: String,
+    pub scope: Scope,
+    pub billing_path: BillingPath,
+    pub owner: String,
+    pub device_uuid: String,
+    pub device_class: String,
+    pub period_start: UnixNanos,
+    pub period_end: UnixNanos,
+    pub device_ms: i64,
+    pub gpu_seconds: f64,
+    pub cost: Credits,
+    pub last: bool,
+}
+
 /// Which sessions to list.
 #[derive(Debug, Clone, Default)]
 pub struct SessionFilter {
@@ -322,6 +369,26 @@ CREATE TABLE IF NOT EXISTS balance_adjustments (
     reason     TEXT NOT NULL,
     actor      TEXT NOT NULL,
     at_ns      INTEGER NOT NULL
+);
+-- Control-plane mode: each session's credit control (RFC 4006): the
+-- request number, the grant in force, its final-unit indication, how far
+-- used units were reported, and when the terminate was delivered.
+CREATE TABLE IF NOT EXISTS credit_control (
+    session_id        TEXT PRIMARY KEY REFERENCES sessions(id),
+    cc_request_number INTEGER NOT NULL,
+    granted_until_ns  INTEGER NOT NULL,
+    granted_ns        INTEGER NOT NULL,
+    final_action      TEXT,
+    final_end_reason  TEXT,
+    reported_until_ns INTEGER,
+    released_at_ns    INTEGER
+);
+-- Sums of usage records compacted away after delivery, per session.
+CREATE TABLE IF NOT EXISTS session_totals (
+    session_id  TEXT PRIMARY KEY REFERENCES sessions(id),
+    device_ms   INTEGER NOT NULL,
+    gpu_seconds REAL NOT NULL,
+    cost_nano   INTEGER NOT NULL
 );
 -- Who launched, stopped, adjusted, was refused, and why.
 CREATE TABLE IF NOT EXISTS audit (
@@ -782,6 +849,223 @@ impl Ledger {
         .await
     }
 
+    /// Records a credit-control answer for a session; `billed` (from the
+    /// initial answer) replaces whose balance pays and on which path.
+    pub async fn record_credit(
+        &self,
+        state: CreditState,
+        billed: Option<(String, BillingPath)>,
+    ) -> Result<(), LedgerError> {
+        self.transaction(move |tx| {
+            tx.execute(
+                "INSERT INTO credit_control (session_id, cc_request_number, granted_until_ns, granted_ns,
+                     final_action, final_end_reason, reported_until_ns, released_at_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (session_id) DO UPDATE SET cc_request_number = excluded.cc_request_number,
+                     granted_until_ns = excluded.granted_until_ns, granted_ns = excluded.granted_ns,
+                     final_action = excluded.final_action, final_end_reason = excluded.final_end_reason,
+                     reported_until_ns = excluded.reported_until_ns, released_at_ns = excluded.released_at_ns",
+                params![
+                    state.session_id.0,
+                    i64::try_from(state.cc_request_number).unwrap_or(i64::MAX),
+                    state.granted_until.0,
+                    state.granted_ns,
+                    state.final_unit.map(|(action, _)| action.as_str()),
+                    state.final_unit.map(|(_, reason)| reason.as_str()),
+                    state.reported_until.map(|t| t.0),
+                    state.released_at.map(|t| t.0),
+                ],
+            )?;
+            if let Some((billed_account_id, path)) = billed {
+                tx.execute(
+                    "UPDATE sessions SET billed_account_id = ?2, billing_path = ?3 WHERE id = ?1",
+                    params![state.session_id.0, billed_account_id, path.as_str()],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Credit control of open sessions and of ended ones whose terminate
+    /// is not acknowledged yet.
+    pub async fn credit_states(&self) -> Result<Vec<CreditState>, LedgerError> {
+        self.transaction(|tx| {
+            let mut statement = tx.prepare_cached(
+                "SELECT c.session_id, c.cc_request_number, c.granted_until_ns, c.granted_ns,
+                        c.final_action, c.final_end_reason, c.reported_until_ns, c.released_at_ns
+                 FROM credit_control c JOIN sessions s ON s.id = c.session_id
+                 WHERE s.state != 'ended' OR c.released_at_ns IS NULL
+                 ORDER BY s.created_at_ns",
+            )?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, i64>(1)?,
+                        row.get::<_, i64>(2)?,
+                        row.get::<_, i64>(3)?,
+                        row.get::<_, Option<String>>(4)?,
+                        row.get::<_, Option<String>>(5)?,
+                        row.get::<_, Option<i64>>(6)?,
+                        row.get::<_, Option<i64>>(7)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(id, number, until, granted, action, reason, reported, released)| {
+                    let final_unit = match (action, reason) {
+                        (Some(action), Some(reason)) => Some((
+                            parsed("final unit action", &action, FinalUnitAction::parse)
+                                .map_err(Outcome::Corrupt)?,
+                            parsed("end reason", &reason, EndReason::parse)
+                                .map_err(Outcome::Corrupt)?,
+                        )),
+                        _ => None,
+                    };
+                    Ok(CreditState {
+                        session_id: SessionId(id),
+                        cc_request_number: u64::try_from(number).unwrap_or_default(),
+                        granted_until: UnixNanos(until),
+                        granted_ns: granted,
+                        final_unit,
+                        reported_until: reported.map(UnixNanos),
+                        released_at: released.map(UnixNanos),
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Usage records not yet acknowledged, oldest first, at most `limit`.
+    pub async fn undelivered_usage(&self, limit: u32) -> Result<Vec<OutboxRecord>, LedgerError> {
+        self.transaction(move |tx| {
+            let mut statement = tx.prepare_cached(
+                "SELECT u.id, u.session_id, s.node_id, s.account_id, s.billed_account_id, s.scope,
+                        s.billing_path, s.owner, u.device_uuid, u.device_class, u.period_start_ns,
+                        u.period_end_ns, u.device_ms, u.gpu_seconds, u.cost_nano, u.final
+                 FROM usage_records u JOIN sessions s ON s.id = u.session_id
+                 WHERE u.delivered_at_ns IS NULL
+                 ORDER BY u.period_end_ns, u.id LIMIT ?1",
+            )?;
+            let rows = statement
+                .query_map(params![i64::from(limit)], |row| {
+                    Ok((
+                        (
+                            row.get::<_, String>(0)?,
+                            row.get::<_, String>(1)?,
+                            row.get::<_, String>(2)?,
+                            row.get::<_, String>(3)?,
+                            row.get::<_, String>(4)?,
+                            row.get::<_, String>(5)?,
+                            row.get::<_, String>(6)?,
+                            row.get::<_, String>(7)?,
+                        ),
+                        (
+                            row.get::<_, String>(8)?,
+                            row.get::<_, String>(9)?,
+                            row.get::<_, i64>(10)?,
+                            row.get::<_, i64>(11)?,
+                            row.get::<_, i64>(12)?,
+                            row.get::<_, f64>(13)?,
+                            row.get::<_, i64>(14)?,
+                            row.get::<_, bool>(15)?,
+                        ),
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(session, usage)| {
+                    let (id, session_id, node_id, account_id, billed_account_id, scope, path, owner) =
+                        session;
+                    let (device_uuid, device_class, start, end, device_ms, gpu_seconds, cost, last) =
+                        usage;
+                    Ok(OutboxRecord {
+                        id,
+                        session_id,
+                        node_id,
+                        account_id,
+                        billed_account_id,
+                        scope: parsed("scope", &scope, Scope::parse).map_err(Outcome::Corrupt)?,
+                        billing_path: parsed("billing path", &path, BillingPath::parse)
+                            .map_err(Outcome::Corrupt)?,
+                        owner,
+                        device_uuid,
+                        device_class,
+                        period_start: UnixNanos(start),
+                        period_end: UnixNanos(end),
+                        device_ms,
+                        gpu_seconds,
+                        cost: Credits(cost),
+                        last,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Marks the records the control plane acknowledged as delivered;
+    /// unknown or already delivered ids change nothing. Returns how many
+    /// were newly marked.
+    pub async fn mark_delivered(
+        &self,
+        ids: Vec<String>,
+        at: UnixNanos,
+    ) -> Result<usize, LedgerError> {
+        self.transaction(move |tx| {
+            let mut statement = tx.prepare_cached(
+                "UPDATE usage_records SET delivered_at_ns = ?2 WHERE id = ?1 AND delivered_at_ns IS NULL",
+            )?;
+            let mut marked = 0;
+            for id in &ids {
+                marked += statement.execute(params![id, at.0])?;
+            }
+            Ok(marked)
+        })
+        .await
+    }
+
+    /// How many usage records wait for delivery.
+    pub async fn outbox_backlog(&self) -> Result<u64, LedgerError> {
+        self.transaction(|tx| {
+            let count: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM usage_records WHERE delivered_at_ns IS NULL",
+                [],
+                |row| row.get(0),
+            )?;
+            Ok(u64::try_from(count).unwrap_or_default())
+        })
+        .await
+    }
+
+    /// Removes the delivered records of sessions that ended before
+    /// `ended_before`, keeping each session's sums; returns how many records
+    /// went. Records not yet delivered are never removed.
+    pub async fn compact_delivered(&self, ended_before: UnixNanos) -> Result<usize, LedgerError> {
+        self.transaction(move |tx| {
+            let done = "SELECT id FROM sessions WHERE state = 'ended' AND ended_at_ns < ?1
+                 AND NOT EXISTS (SELECT 1 FROM usage_records u WHERE u.session_id = sessions.id AND u.delivered_at_ns IS NULL)";
+            tx.execute(
+                &format!(
+                    "INSERT INTO session_totals (session_id, device_ms, gpu_seconds, cost_nano)
+                     SELECT session_id, SUM(device_ms), SUM(gpu_seconds), SUM(cost_nano)
+                     FROM usage_records WHERE session_id IN ({done}) GROUP BY session_id
+                     ON CONFLICT (session_id) DO UPDATE SET device_ms = device_ms + excluded.device_ms,
+                         gpu_seconds = gpu_seconds + excluded.gpu_seconds, cost_nano = cost_nano + excluded.cost_nano"
+                ),
+                params![ended_before.0],
+            )?;
+            let removed = tx.execute(
+                &format!("DELETE FROM usage_records WHERE session_id IN ({done})"),
+                params![ended_before.0],
+            )?;
+            Ok(removed)
+        })
+        .await
+    }
+
     /// Devices held by open sessions.
     pub async fn holds(&self) -> Result<HashMap<DeviceUuid, SessionId>, LedgerError> {
         self.transaction(held_devices).await
@@ -1072,9 +1356,12 @@ fn complete<E>(tx: &Transaction<'_>, session: PartialSession) -> Result<SessionR
             })
         })?
         .collect::<Result<_, _>>()?;
+    // Records still here plus the sums of those compacted away.
     session.recorded = tx.query_row(
         "SELECT COALESCE(SUM(device_ms), 0), COALESCE(SUM(gpu_seconds), 0.0), COALESCE(SUM(cost_nano), 0)
-         FROM usage_records WHERE session_id = ?1",
+         FROM (SELECT device_ms, gpu_seconds, cost_nano FROM usage_records WHERE session_id = ?1
+               UNION ALL
+               SELECT device_ms, gpu_seconds, cost_nano FROM session_totals WHERE session_id = ?1)",
         params![session.id.0],
         |row| {
             Ok(RecordedUsage {

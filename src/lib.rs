@@ -7,6 +7,8 @@ pub mod allocation;
 pub mod api;
 pub mod clock;
 pub mod config;
+pub mod control_plane;
+pub mod ctl;
 pub mod daemon;
 pub mod error;
 pub mod events;
@@ -18,6 +20,7 @@ pub mod metering;
 pub mod policy;
 pub mod runtime;
 pub mod session;
+pub mod systemd;
 pub mod toml_file;
 
 /// Generated from `proto/gpuwarden/v1/*.proto`.

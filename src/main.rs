@@ -2,20 +2,18 @@
 //! inventory, and `ctl` to talk to a running daemon.
 
 use std::collections::HashSet;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::SystemTime;
 
 use clap::{Parser, Subcommand};
 
-use gpuwarden::api::{client, status};
 use gpuwarden::config::{Config, DEFAULT_UNIX_SOCKET, GpuSource, Mode};
+use gpuwarden::ctl::{self, print_inventory, write_stdout};
 use gpuwarden::gpu::{self, DeviceUuid};
 use gpuwarden::inventory::InventoryView;
 use gpuwarden::logging::{self, LogFormat};
 use gpuwarden::policy::Policy;
-use gpuwarden::proto;
 
 /// Exit code of a config that cannot be used (EX_USAGE): systemd's unit
 /// lists it in RestartPreventExitStatus, since restarting will not fix it.
@@ -66,22 +64,7 @@ enum Command {
         #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
-        command: CtlCommand,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum CtlCommand {
-    /// The daemon's devices, their health and the sessions holding them.
-    Inventory,
-    /// Who launched, stopped, adjusted, was refused, and why; newest first.
-    Audit {
-        /// Only entries about this account.
-        #[arg(long, value_name = "ID")]
-        account: Option<String>,
-        /// How many entries at most.
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
+        command: ctl::Command,
     },
 }
 
@@ -153,7 +136,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             socket,
             json,
             command,
-        } => ctl(&socket, json, command).await,
+        } => Ok(ctl::run(&socket, json, command).await?),
     }
 }
 
@@ -230,110 +213,8 @@ async fn inventory(
     } else {
         node_id
     };
-    print_inventory(
+    Ok(print_inventory(
         &InventoryView::from_scan(&node_id, &scan, SystemTime::now()),
         json,
-    )
-}
-
-async fn ctl(socket: &Path, json: bool, command: CtlCommand) -> Result<(), Failure> {
-    let mut agent = client::connect_unix(socket).await?;
-    match command {
-        CtlCommand::Inventory => {
-            let inventory = agent
-                .get_inventory(proto::GetInventoryRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner();
-            print_inventory(&InventoryView::try_from(inventory)?, json)
-        }
-        CtlCommand::Audit { account, limit } => {
-            let entries = agent
-                .list_audit(proto::ListAuditRequest {
-                    account_id: account.unwrap_or_default(),
-                    since: None,
-                    limit,
-                })
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .entries;
-            print_audit(&entries, json)
-        }
-    }
-}
-
-fn print_audit(entries: &[proto::AuditEntry], json: bool) -> Result<(), Failure> {
-    let when = |entry: &proto::AuditEntry| {
-        entry
-            .at
-            .and_then(|t| SystemTime::try_from(t).ok())
-            .map(|t| humantime::format_rfc3339_millis(t).to_string())
-            .unwrap_or_default()
-    };
-    let text = if json {
-        let rows: Vec<serde_json::Value> = entries
-            .iter()
-            .map(|entry| {
-                serde_json::json!({
-                    "id": entry.id,
-                    "at": when(entry),
-                    "action": entry.action,
-                    "actor": entry.actor,
-                    "account_id": entry.account_id,
-                    "session_id": entry.session_id,
-                    "reason": entry.reason,
-                    "detail": entry.detail,
-                })
-            })
-            .collect();
-        let mut text = serde_json::to_string_pretty(&rows)?;
-        text.push('\n');
-        text
-    } else {
-        let mut text = format!(
-            "{:<24}  {:<14}  {:<12}  {:<12}  {:<36}  {:<22}  {}\n",
-            "AT", "ACTION", "ACTOR", "ACCOUNT", "SESSION", "REASON", "DETAIL"
-        );
-        for entry in entries {
-            text.push_str(&format!(
-                "{:<24}  {:<14}  {:<12}  {:<12}  {:<36}  {:<22}  {}\n",
-                when(entry),
-                entry.action,
-                entry.actor,
-                entry.account_id,
-                entry.session_id,
-                entry.reason,
-                entry.detail
-            ));
-        }
-        text
-    };
-    Ok(write_stdout(&text)?)
-}
-
-/// A status from the agent, as the user should read it: the reason first.
-fn refused(status: tonic::Status) -> Failure {
-    let reason = status::reason_of(&status).unwrap_or_else(|| format!("{:?}", status.code()));
-    anyhow::anyhow!("{reason}: {}", status.message()).into()
-}
-
-fn print_inventory(view: &InventoryView, json: bool) -> Result<(), Failure> {
-    let text = if json {
-        let mut text = serde_json::to_string_pretty(view)?;
-        text.push('\n');
-        text
-    } else {
-        view.render_table()
-    };
-    Ok(write_stdout(&text)?)
-}
-
-fn write_stdout(text: &str) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        // A reader that went away (`| head`) is not an error.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
-    }
+    )?)
 }

@@ -1,5 +1,6 @@
 //! The command line as an operator meets it: `check-config`, `inventory`,
-//! and `run` refusing a bad config with its own exit code.
+//! `run` refusing a bad config with its own exit code, and what `ctl`
+//! decides before it reaches a daemon.
 
 #![allow(clippy::unwrap_used)]
 
@@ -194,4 +195,78 @@ fn inventory_of_a_bad_fixture_names_file_key_and_reason() {
     let err = stderr(&out);
     assert!(err.contains("bad.toml"), "{err}");
     assert!(err.contains("gpus[1].mig_instances[0]"), "{err}");
+}
+
+#[test]
+fn ctl_lists_its_commands() {
+    let out = gpuwarden(&["ctl", "--help"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let help = String::from_utf8(out.stdout).unwrap();
+    for command in [
+        "inventory",
+        "launch",
+        "stop",
+        "sessions",
+        "usage",
+        "events",
+        "drain",
+        "undrain",
+        "balance",
+        "audit",
+    ] {
+        assert!(
+            help.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{command} "))),
+            "no `{command}` in:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn ctl_without_a_daemon_names_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("gpuwarden.sock");
+    let out = gpuwarden(&["ctl", "--socket", socket.to_str().unwrap(), "sessions"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("cannot reach gpuwarden at"), "{err}");
+    assert!(err.contains(socket.to_str().unwrap()), "{err}");
+}
+
+#[test]
+fn ctl_launch_needs_who_and_exactly_one_way_to_pick_devices() {
+    let usage_error = |args: &[&str], expected: &str| {
+        let mut all = vec!["ctl", "--socket", "/nonexistent/gpuwarden.sock", "launch"];
+        all.extend_from_slice(args);
+        let out = gpuwarden(&all);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains(expected), "{args:?}: no `{expected}` in {err}");
+    };
+    usage_error(&["--as", "u-alice", "img"], "--gpus");
+    usage_error(&["--gpus", "1", "img"], "--as");
+    usage_error(
+        &["--as", "u-alice", "--gpus", "1", "--mig", "1g.10gb", "img"],
+        "cannot be used with",
+    );
+    usage_error(
+        &[
+            "--as", "u-alice", "--device", "GPU-1", "--count", "2", "img",
+        ],
+        "cannot be used with",
+    );
+    usage_error(
+        &[
+            "--as", "u-alice", "--mig", "1g.10gb", "--model", "H100", "img",
+        ],
+        "cannot be used with",
+    );
+    usage_error(
+        &["--as", "u-alice", "--gpus", "1", "--env", "NOEQUALS", "img"],
+        "KEY=VALUE",
+    );
+    usage_error(
+        &["--as", "u-alice", "--service-account", "--gpus", "1", "img"],
+        "--org",
+    );
 }

@@ -7,7 +7,7 @@ use crate::clock::UnixNanos;
 use crate::error::{Reason, Refusal};
 use crate::events::{BalanceNotice, Event, EventKind};
 use crate::gpu::{BackendKind, DeviceUuid};
-use crate::inventory::{DeviceKind, DeviceView, Health, InventoryView};
+use crate::inventory::{DeviceKind, DeviceView, Health, InventoryView, LinkView};
 use crate::ledger::{Actor, AuditEntry};
 use crate::metering::Credits;
 use crate::proto;
@@ -96,6 +96,12 @@ impl From<&InventoryView> for proto::Inventory {
             scanned_at: Some(timestamp(view.scanned_at)),
             devices: view.devices.iter().map(proto::Device::from).collect(),
             draining: view.draining,
+            control_plane: view.control_plane.as_ref().map(|link| proto::ControlPlaneLink {
+                up: link.up,
+                since: Some(timestamp(link.since)),
+                policy_version: link.policy_version,
+                outbox_backlog: link.outbox_backlog,
+            }),
         }
     }
 }
@@ -160,7 +166,7 @@ impl TryFrom<proto::Inventory> for InventoryView {
             .into_iter()
             .map(DeviceView::try_from)
             .collect::<Result<_, _>>()?;
-        Ok(InventoryView::new(
+        let mut view = InventoryView::new(
             inventory.node_id,
             inventory.hostname,
             inventory.driver_version,
@@ -169,7 +175,14 @@ impl TryFrom<proto::Inventory> for InventoryView {
             system_time(inventory.scanned_at),
             inventory.draining,
             devices,
-        ))
+        );
+        view.control_plane = inventory.control_plane.map(|link| LinkView {
+            up: link.up,
+            since: system_time(link.since),
+            policy_version: link.policy_version,
+            outbox_backlog: link.outbox_backlog,
+        });
+        Ok(view)
     }
 }
 
@@ -247,8 +260,8 @@ impl TryFrom<proto::LaunchRequest> for LaunchRequest {
     }
 }
 
-fn nanos_timestamp(at: Option<UnixNanos>) -> Option<prost_types::Timestamp> {
-    at.map(|t| timestamp(t.to_system_time()))
+pub fn nanos_timestamp(at: Option<UnixNanos>) -> Option<prost_types::Timestamp> {
+    at.map(UnixNanos::to_timestamp)
 }
 
 /// A session as the API shows it; a running session's usage runs to `now`.
@@ -290,7 +303,7 @@ fn credits(amount: Credits) -> Option<proto::Credits> {
     })
 }
 
-fn scope_to_proto(scope: Scope) -> i32 {
+pub fn scope_to_proto(scope: Scope) -> i32 {
     match scope {
         Scope::Personal => proto::Scope::Personal,
         Scope::Org => proto::Scope::Org,
@@ -298,7 +311,7 @@ fn scope_to_proto(scope: Scope) -> i32 {
     .into()
 }
 
-fn billing_path_to_proto(path: BillingPath) -> i32 {
+pub fn billing_path_to_proto(path: BillingPath) -> i32 {
     match path {
         BillingPath::Balance => proto::BillingPath::Balance,
         BillingPath::Reservation => proto::BillingPath::Reservation,
@@ -306,7 +319,7 @@ fn billing_path_to_proto(path: BillingPath) -> i32 {
     .into()
 }
 
-fn principal_kind_to_proto(kind: PrincipalKind) -> i32 {
+pub fn principal_kind_to_proto(kind: PrincipalKind) -> i32 {
     match kind {
         PrincipalKind::User => proto::PrincipalKind::User,
         PrincipalKind::ServiceAccount => proto::PrincipalKind::ServiceAccount,
@@ -314,7 +327,7 @@ fn principal_kind_to_proto(kind: PrincipalKind) -> i32 {
     .into()
 }
 
-fn end_reason_to_proto(reason: Option<EndReason>) -> i32 {
+pub fn end_reason_to_proto(reason: Option<EndReason>) -> i32 {
     match reason {
         None => proto::EndReason::Unspecified,
         Some(EndReason::Stopped) => proto::EndReason::Stopped,
@@ -332,13 +345,7 @@ fn end_reason_to_proto(reason: Option<EndReason>) -> i32 {
 
 /// A timestamp of a request as nanoseconds; unset is `default`.
 pub fn request_time(at: Option<prost_types::Timestamp>, default: UnixNanos) -> UnixNanos {
-    at.map_or(default, |t| {
-        UnixNanos(
-            t.seconds
-                .saturating_mul(1_000_000_000)
-                .saturating_add(i64::from(t.nanos)),
-        )
-    })
+    at.map_or(default, |t| UnixNanos::from_timestamp(&t))
 }
 
 pub fn usage_report(report: &UsageReport) -> proto::UsageReport {

@@ -5,10 +5,17 @@
 //! (production, through the NVIDIA Management Library) and [`simulated`]
 //! (a host described by a TOML fixture, for machines without GPUs). Backends
 //! are blocking; the async side reaches them only through [`blocking`].
+//!
+//! Besides the inventory ([`GpuBackend::discover`]) a backend reports each
+//! GPU's telemetry ([`GpuBackend::telemetry`]) and what happened to the GPUs'
+//! health since it was last asked ([`GpuBackend::health_events`]); [`health`]
+//! turns those events into each device's health.
 
+pub mod health;
 pub mod nvml;
 pub mod simulated;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -64,8 +71,21 @@ pub struct HostInventory {
     pub driver_version: String,
     pub cuda_version: String,
     pub backend: BackendKind,
-    /// In index order.
+    /// In index order. A lost GPU is not here but in `lost`.
     pub gpus: Vec<Gpu>,
+    /// GPUs that answered NVML_ERROR_GPU_IS_LOST during the scan (fallen off
+    /// the bus): the scan goes on without them, as `nvidia-smi` does, and
+    /// they offer no device.
+    pub lost: Vec<LostGpu>,
+}
+
+/// A GPU the scan found lost. NVML cannot say anything about a lost GPU, not
+/// even its UUID, so the UUID is what the backend saw at that index in an
+/// earlier scan (or at open), if it saw one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostGpu {
+    pub index: u32,
+    pub uuid: Option<DeviceUuid>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -92,6 +112,23 @@ pub struct MigInstance {
     pub compute_instance_id: u32,
     pub compute_slices: u32,
     pub memory_mib: u64,
+}
+
+/// One full GPU's readings at the time of the call. A reading the GPU does
+/// not support (NVML_ERROR_NOT_SUPPORTED, e.g. utilisation of a GPU in MIG
+/// mode) is `None`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceTelemetry {
+    pub index: u32,
+    pub uuid: DeviceUuid,
+    /// Percent of the last sample period a kernel was running (0-100).
+    pub utilization_percent: Option<u32>,
+    pub memory_used_mib: Option<u64>,
+    pub memory_total_mib: Option<u64>,
+    /// Board power draw; NVML reports milliwatts.
+    pub power_watts: Option<f64>,
+    /// GPU die temperature in degrees Celsius.
+    pub temperature_c: Option<u32>,
 }
 
 /// A device a session may hold: a full GPU with MIG off, or a MIG instance.
@@ -197,8 +234,75 @@ pub enum GpuError {
 pub trait GpuBackend: Send + Sync + fmt::Debug + 'static {
     fn kind(&self) -> BackendKind;
 
-    /// A full scan of GPUs and MIG instances.
+    /// A full scan of GPUs and MIG instances. GPUs found lost are listed in
+    /// [`HostInventory::lost`] and the scan goes on.
     fn discover(&self) -> Result<HostInventory, GpuError>;
+
+    /// Readings of every full GPU that is not lost, in index order.
+    fn telemetry(&self) -> Result<Vec<DeviceTelemetry>, GpuError>;
+
+    /// What happened since the previous call (or since the backend was
+    /// opened): critical-XID events in the order they arrived, then each GPU
+    /// newly found lost, in index order. A GPU is reported lost once, and
+    /// again only if it came back in between. Never blocks waiting for
+    /// events.
+    fn health_events(&self) -> Result<Vec<HealthEvent>, GpuError>;
+}
+
+pub use health::{
+    DeviceHealth, DeviceHealthTracker, HealthCause, HealthChange, HealthEvent, is_application_xid,
+};
+
+/// What a backend remembers between calls so that both backends report lost
+/// GPUs alike: the UUID it last saw at each index, and which GPUs it has
+/// already reported lost.
+#[derive(Debug, Default)]
+struct GpuMemory {
+    known: BTreeMap<u32, DeviceUuid>,
+    reported_lost: BTreeSet<DeviceUuid>,
+}
+
+impl GpuMemory {
+    /// Remembers what a scan found: the UUIDs of the GPUs it saw (by
+    /// index), the ones remembered for the lost indexes; forgets indexes the
+    /// host no longer has.
+    fn scanned(&mut self, present: impl IntoIterator<Item = (u32, DeviceUuid)>, lost: &[LostGpu]) {
+        let mut known: BTreeMap<u32, DeviceUuid> = present.into_iter().collect();
+        for lost in lost {
+            if let Some(uuid) = self.known.get(&lost.index) {
+                known.insert(lost.index, uuid.clone());
+            }
+        }
+        self.known = known;
+    }
+
+    fn lost_gpu(&self, index: u32) -> LostGpu {
+        LostGpu {
+            index,
+            uuid: self.known.get(&index).cloned(),
+        }
+    }
+
+    /// `Lost` events for the known GPUs `is_lost` says are lost now and were
+    /// not reported yet; a GPU found again may be reported again later.
+    fn lost_events(
+        &mut self,
+        mut is_lost: impl FnMut(u32, &DeviceUuid) -> Result<bool, GpuError>,
+    ) -> Result<Vec<HealthEvent>, GpuError> {
+        let mut events = Vec::new();
+        for (index, uuid) in &self.known {
+            if is_lost(*index, uuid)? {
+                if self.reported_lost.insert(uuid.clone()) {
+                    events.push(HealthEvent::Lost {
+                        device: uuid.clone(),
+                    });
+                }
+            } else {
+                self.reported_lost.remove(uuid);
+            }
+        }
+        Ok(events)
+    }
 }
 
 /// Opens the backend the config names. NVML is loaded and initialised here;
@@ -258,6 +362,7 @@ mod tests {
             driver_version: "1".into(),
             cuda_version: "1".into(),
             backend: BackendKind::Simulated,
+            lost: Vec::new(),
             gpus: vec![
                 gpu(
                     0,
@@ -285,9 +390,47 @@ mod tests {
             driver_version: "1".into(),
             cuda_version: "1".into(),
             backend: BackendKind::Simulated,
+            lost: Vec::new(),
             gpus: vec![empty_mig],
         };
         assert!(inventory.assignable().is_empty());
+    }
+
+    #[test]
+    fn lost_gpus_are_reported_once_per_loss_and_keep_their_last_uuid() {
+        let mut memory = GpuMemory::default();
+        let seen = |indexes: &[u32]| {
+            indexes
+                .iter()
+                .map(|&index| (index, DeviceUuid::new(format!("GPU-{index}"))))
+                .collect::<Vec<_>>()
+        };
+        memory.scanned(seen(&[0, 1]), &[]);
+        let lost_one = |index: u32, _: &DeviceUuid| Ok(index == 1);
+        let events = memory.lost_events(lost_one).unwrap();
+        assert_eq!(
+            events,
+            [HealthEvent::Lost {
+                device: DeviceUuid::new("GPU-1")
+            }]
+        );
+        assert!(memory.lost_events(lost_one).unwrap().is_empty());
+        // A scan that finds it lost keeps its UUID; an unknown index has none.
+        memory.scanned(
+            seen(&[0]),
+            &[LostGpu {
+                index: 1,
+                uuid: None,
+            }],
+        );
+        assert_eq!(memory.lost_gpu(1).uuid, Some(DeviceUuid::new("GPU-1")));
+        assert_eq!(memory.lost_gpu(5).uuid, None);
+        // Back, then lost again: reported again.
+        assert!(memory.lost_events(|_, _| Ok(false)).unwrap().is_empty());
+        assert_eq!(memory.lost_events(lost_one).unwrap().len(), 1);
+        // An index the host no longer has is forgotten.
+        memory.scanned(seen(&[0]), &[]);
+        assert_eq!(memory.known.len(), 1);
     }
 
     #[test]

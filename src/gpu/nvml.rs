@@ -1,17 +1,27 @@
 //! The production backend: the NVIDIA Management Library through
 //! `nvml-wrapper`. Every call here blocks; async code reaches it through
 //! [`super::blocking`].
+//!
+//! Health: at open, an NVML event set is registered for critical-XID events
+//! on every GPU that supports them; [`GpuBackend::health_events`] drains it
+//! without waiting, then asks each GPU it knows whether it is still on the
+//! bus (NVML_ERROR_GPU_IS_LOST on its handle or UUID means lost).
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use nvml_wrapper::Nvml;
+use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::device::Device;
+use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
+use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::{EventSet, Nvml};
 
 use super::{
-    BackendKind, DEFAULT_GPU_COMPUTE_SLICES, DeviceUuid, Gpu, GpuBackend, GpuError, HostInventory,
-    MigInstance,
+    BackendKind, DEFAULT_GPU_COMPUTE_SLICES, DeviceTelemetry, DeviceUuid, Gpu, GpuBackend,
+    GpuError, GpuMemory, HealthEvent, HostInventory, LostGpu, MigInstance,
 };
 
 /// Where the driver installs NVML: the versioned name exists wherever the
@@ -21,16 +31,78 @@ const DEFAULT_LIBRARIES: &[&str] = &["libnvidia-ml.so.1", "libnvidia-ml.so"];
 /// `NVML_DEVICE_MIG_ENABLE` in `nvml.h`.
 const MIG_ENABLED: u32 = 1;
 
+/// The XID NVML reports when it does not know which (`999` in `nvml.h`'s
+/// event data; `XidError::Unknown` in nvml-wrapper).
+const UNKNOWN_XID: u64 = 999;
+
+/// The most events one [`GpuBackend::health_events`] call takes from the
+/// event set; the rest wait for the next call.
+const MAX_EVENTS_PER_CALL: usize = 1024;
+
 const MIB: u64 = 1024 * 1024;
 
 #[derive(Debug)]
 pub struct NvmlBackend {
-    nvml: Nvml,
+    /// Leaked on purpose: nvml-wrapper's event set borrows the `Nvml` it came
+    /// from, and the backend lives as long as the process. (nvml-wrapper never
+    /// unloads the library either.)
+    nvml: &'static Nvml,
+    state: Mutex<NvmlState>,
+}
+
+#[derive(Debug)]
+struct NvmlState {
+    memory: GpuMemory,
+    /// `None` where the GPUs or the platform have no XID events.
+    xids: Option<XidEvents>,
+}
+
+#[derive(Debug)]
+struct XidEvents {
+    set: EventSet<'static>,
+    /// The GPU behind each registered handle, so an event names its GPU
+    /// even when the GPU no longer answers.
+    gpus: HashMap<usize, DeviceUuid>,
+}
+
+fn nvml_error(call: &'static str, device: Option<String>) -> impl FnOnce(NvmlError) -> GpuError {
+    move |source| GpuError::Nvml {
+        call,
+        device,
+        source,
+    }
+}
+
+fn is_lost(err: &GpuError) -> bool {
+    matches!(
+        err,
+        GpuError::Nvml {
+            source: NvmlError::GpuLost,
+            ..
+        }
+    )
+}
+
+/// A reading the device may not support: NOT_SUPPORTED is `None`.
+fn supported<T>(reading: Result<T, NvmlError>) -> Result<Option<T>, NvmlError> {
+    match reading {
+        Ok(value) => Ok(Some(value)),
+        Err(NvmlError::NotSupported) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The raw handle of `device`, as a number to recognise it by.
+#[allow(unsafe_code)]
+fn handle_key(device: &Device<'_>) -> usize {
+    // SAFETY: `handle` only copies the raw pointer out of the wrapper; it is
+    // used as a number and never dereferenced nor turned back into a Device.
+    unsafe { device.handle() }.addr()
 }
 
 impl NvmlBackend {
     /// Loads and initialises NVML from `library`, or from the driver's usual
-    /// names when `None`.
+    /// names when `None`, and registers for critical-XID events.
     pub fn open(library: Option<&Path>) -> Result<Self, GpuError> {
         let candidates: Vec<&OsStr> = match library {
             Some(path) => vec![path.as_os_str()],
@@ -39,7 +111,7 @@ impl NvmlBackend {
         let mut load_failures = Vec::new();
         for candidate in &candidates {
             match Nvml::builder().lib_path(candidate).init() {
-                Ok(nvml) => return Ok(Self { nvml }),
+                Ok(nvml) => return Self::start(Box::leak(Box::new(nvml))),
                 // libloading's message already names the file.
                 Err(NvmlError::LibloadingError(e)) => load_failures.push(e.to_string()),
                 Err(NvmlError::FailedToLoadSymbol(e)) => {
@@ -64,6 +136,93 @@ impl NvmlBackend {
                 .collect::<Vec<_>>()
                 .join(" or "),
             detail: load_failures.join("; "),
+        })
+    }
+
+    /// Learns the GPUs present (GPUs already lost are skipped: NVML cannot
+    /// say which they are) and registers them for XID events.
+    fn start(nvml: &'static Nvml) -> Result<Self, GpuError> {
+        let count = nvml
+            .device_count()
+            .map_err(nvml_error("nvmlDeviceGetCount_v2", None))?;
+        let mut present = Vec::new();
+        for index in 0..count {
+            let at = || Some(format!("index {index}"));
+            let device = match nvml.device_by_index(index) {
+                Ok(device) => device,
+                Err(NvmlError::GpuLost) => continue,
+                Err(e) => return Err(nvml_error("nvmlDeviceGetHandleByIndex_v2", at())(e)),
+            };
+            match device.uuid() {
+                Ok(uuid) => present.push((index, DeviceUuid::new(uuid), device)),
+                Err(NvmlError::GpuLost) => continue,
+                Err(e) => return Err(nvml_error("nvmlDeviceGetUUID", at())(e)),
+            }
+        }
+        let xids = match register_xid_events(nvml, &present) {
+            Ok(xids) => Some(xids),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "cannot register for NVML critical-XID events: XIDs will not mark devices \
+                     unhealthy, lost GPUs still will"
+                );
+                None
+            }
+        };
+        let mut memory = GpuMemory::default();
+        memory.scanned(
+            present.into_iter().map(|(index, uuid, _)| (index, uuid)),
+            &[],
+        );
+        Ok(Self {
+            nvml,
+            state: Mutex::new(NvmlState { memory, xids }),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, NvmlState> {
+        // Plain values and an event set handle: whole even after a panic.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the GPU at `index` (last seen as `uuid`) has fallen off the
+    /// bus.
+    fn gpu_is_lost(&self, index: u32) -> Result<bool, GpuError> {
+        let at = || Some(format!("index {index}"));
+        let device = match self.nvml.device_by_index(index) {
+            Ok(device) => device,
+            Err(NvmlError::GpuLost) => return Ok(true),
+            Err(e) => return Err(nvml_error("nvmlDeviceGetHandleByIndex_v2", at())(e)),
+        };
+        match device.uuid() {
+            Ok(_) => Ok(false),
+            Err(NvmlError::GpuLost) => Ok(true),
+            Err(e) => Err(nvml_error("nvmlDeviceGetUUID", at())(e)),
+        }
+    }
+
+    fn read_gpu(&self, index: u32) -> Result<DeviceTelemetry, GpuError> {
+        let at = |call| nvml_error(call, Some(format!("index {index}")));
+        let device = self
+            .nvml
+            .device_by_index(index)
+            .map_err(at("nvmlDeviceGetHandleByIndex_v2"))?;
+        let uuid = device.uuid().map_err(at("nvmlDeviceGetUUID"))?;
+        let utilization =
+            supported(device.utilization_rates()).map_err(at("nvmlDeviceGetUtilizationRates"))?;
+        let memory = supported(device.memory_info()).map_err(at("nvmlDeviceGetMemoryInfo_v2"))?;
+        let power_mw = supported(device.power_usage()).map_err(at("nvmlDeviceGetPowerUsage"))?;
+        let temperature = supported(device.temperature(TemperatureSensor::Gpu))
+            .map_err(at("nvmlDeviceGetTemperature"))?;
+        Ok(DeviceTelemetry {
+            index,
+            uuid: DeviceUuid::new(uuid),
+            utilization_percent: utilization.map(|u| u.gpu),
+            memory_used_mib: memory.as_ref().map(|m| m.used / MIB),
+            memory_total_mib: memory.as_ref().map(|m| m.total / MIB),
+            power_watts: power_mw.map(|mw| f64::from(mw) / 1000.0),
+            temperature_c: temperature,
         })
     }
 
@@ -204,35 +363,143 @@ impl GpuBackend for NvmlBackend {
     }
 
     fn discover(&self) -> Result<HostInventory, GpuError> {
-        let call = |call: &'static str| {
-            move |source| GpuError::Nvml {
-                call,
-                device: None,
-                source,
-            }
-        };
         let driver_version = self
             .nvml
             .sys_driver_version()
-            .map_err(call("nvmlSystemGetDriverVersion"))?;
+            .map_err(nvml_error("nvmlSystemGetDriverVersion", None))?;
         let cuda = self
             .nvml
             .sys_cuda_driver_version()
-            .map_err(call("nvmlSystemGetCudaDriverVersion_v2"))?;
+            .map_err(nvml_error("nvmlSystemGetCudaDriverVersion_v2", None))?;
         let count = self
             .nvml
             .device_count()
-            .map_err(call("nvmlDeviceGetCount_v2"))?;
-        let gpus = (0..count)
-            .map(|index| self.scan_gpu(index))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map_err(nvml_error("nvmlDeviceGetCount_v2", None))?;
+        let mut gpus = Vec::with_capacity(count as usize);
+        let mut lost_indexes = Vec::new();
+        for index in 0..count {
+            match self.scan_gpu(index) {
+                Ok(gpu) => gpus.push(gpu),
+                // Fallen off the bus: the others are still worth having.
+                Err(e) if is_lost(&e) => lost_indexes.push(index),
+                Err(e) => return Err(e),
+            }
+        }
+        let mut state = self.state();
+        let lost: Vec<LostGpu> = lost_indexes
+            .into_iter()
+            .map(|index| state.memory.lost_gpu(index))
+            .collect();
+        state
+            .memory
+            .scanned(gpus.iter().map(|gpu| (gpu.index, gpu.uuid.clone())), &lost);
         Ok(HostInventory {
             hostname: hostname(),
             driver_version,
             cuda_version: cuda_version(cuda),
             backend: BackendKind::Nvml,
             gpus,
+            lost,
         })
+    }
+
+    fn telemetry(&self) -> Result<Vec<DeviceTelemetry>, GpuError> {
+        let count = self
+            .nvml
+            .device_count()
+            .map_err(nvml_error("nvmlDeviceGetCount_v2", None))?;
+        let mut readings = Vec::with_capacity(count as usize);
+        for index in 0..count {
+            match self.read_gpu(index) {
+                Ok(reading) => readings.push(reading),
+                // Reported by health_events, not here.
+                Err(e) if is_lost(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(readings)
+    }
+
+    fn health_events(&self) -> Result<Vec<HealthEvent>, GpuError> {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let mut events = Vec::new();
+        if let Some(xids) = &state.xids {
+            events.extend(xids.drain()?);
+        }
+        events.extend(
+            state
+                .memory
+                .lost_events(|index, _| self.gpu_is_lost(index))?,
+        );
+        Ok(events)
+    }
+}
+
+/// An event set with every GPU of `gpus` that supports critical-XID events.
+fn register_xid_events(
+    nvml: &'static Nvml,
+    gpus: &[(u32, DeviceUuid, Device<'static>)],
+) -> Result<XidEvents, GpuError> {
+    let mut set = nvml
+        .create_event_set()
+        .map_err(nvml_error("nvmlEventSetCreate", None))?;
+    let mut registered = HashMap::new();
+    for (index, uuid, device) in gpus {
+        let at = || Some(format!("index {index}"));
+        // Registering a type the GPU lacks would free the whole set.
+        match device.supported_event_types() {
+            Ok(types) if types.contains(EventTypes::CRITICAL_XID_ERROR) => {}
+            Ok(_) | Err(NvmlError::NotSupported) => {
+                tracing::warn!(gpu = %uuid, "GPU reports no critical-XID events");
+                continue;
+            }
+            Err(NvmlError::GpuLost) => continue,
+            Err(e) => return Err(nvml_error("nvmlDeviceGetSupportedEventTypes", at())(e)),
+        }
+        set = device
+            .register_events(EventTypes::CRITICAL_XID_ERROR, set)
+            .map_err(|e| nvml_error("nvmlDeviceRegisterEvents", at())(e.error))?;
+        registered.insert(handle_key(device), uuid.clone());
+    }
+    Ok(XidEvents {
+        set,
+        gpus: registered,
+    })
+}
+
+impl XidEvents {
+    /// The critical-XID events waiting in the set, without waiting for more.
+    fn drain(&self) -> Result<Vec<HealthEvent>, GpuError> {
+        let mut events = Vec::new();
+        for _ in 0..MAX_EVENTS_PER_CALL {
+            let event = match self.set.wait(0) {
+                Ok(event) => event,
+                Err(NvmlError::Timeout) => break,
+                // A GPU fell off the bus; the lost-GPU poll says which.
+                Err(NvmlError::GpuLost) => break,
+                Err(source) => return Err(nvml_error("nvmlEventSetWait_v2", None)(source)),
+            };
+            if !event.event_type.contains(EventTypes::CRITICAL_XID_ERROR) {
+                continue;
+            }
+            let device = match self.gpus.get(&handle_key(&event.device)) {
+                Some(uuid) => uuid.clone(),
+                None => match event.device.uuid() {
+                    Ok(uuid) => DeviceUuid::new(uuid),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "critical XID on a GPU that cannot be named");
+                        continue;
+                    }
+                },
+            };
+            let xid = match event.event_data {
+                Some(XidError::Value(xid)) => xid,
+                Some(XidError::Unknown) | None => UNKNOWN_XID,
+            };
+            events.push(HealthEvent::Xid { device, xid });
+        }
+        Ok(events)
     }
 }
 

@@ -1,24 +1,43 @@
 //! A simulated host read from a TOML fixture (`fixtures/sim-*.toml`), for
 //! machines without GPUs: demos, tests and CI.
 //!
-//! The fixture is read again on every scan, so editing it (a MIG
+//! The fixture is read again on every call, so editing it (a MIG
 //! repartition, a GPU removed) shows up at the next rescan like it would on
-//! real hardware. A fixture that has become invalid fails the scan; the
+//! real hardware. A fixture that has become invalid fails the call; the
 //! caller keeps what it had.
+//!
+//! Telemetry comes from optional per-GPU keys of the fixture:
+//! `utilization_percent` (default 0; not allowed on a GPU in MIG mode, for
+//! which NVML reports no utilisation), `memory_used_mib` (default 0),
+//! `power_watts` (default 60, reported to the milliwatt as NVML does) and
+//! `temperature_c` (default 35).
+//!
+//! Health events (a critical XID, a lost GPU) are raised at run time in the
+//! file next to the fixture that [`events`] describes.
 
-use std::collections::{HashMap, HashSet};
+pub mod events;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use serde::Deserialize;
 
+use self::events::load_events;
 use super::{
-    BackendKind, DEFAULT_GPU_COMPUTE_SLICES, DeviceUuid, Gpu, GpuBackend, GpuError, HostInventory,
-    MigInstance,
+    BackendKind, DEFAULT_GPU_COMPUTE_SLICES, DeviceTelemetry, DeviceUuid, Gpu, GpuBackend,
+    GpuError, GpuMemory, HealthEvent, HostInventory, MigInstance,
 };
 use crate::toml_file::{self, FileError};
 
 /// A fixture file that cannot describe a host.
 pub type FixtureError = FileError;
+
+/// Telemetry of a GPU whose fixture entry does not say.
+pub const DEFAULT_UTILIZATION_PERCENT: u32 = 0;
+pub const DEFAULT_MEMORY_USED_MIB: u64 = 0;
+pub const DEFAULT_POWER_WATTS: f64 = 60.0;
+pub const DEFAULT_TEMPERATURE_C: u32 = 35;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +62,10 @@ struct FixtureGpu {
     compute_slices: Option<u32>,
     #[serde(default)]
     mig_instances: Vec<FixtureMig>,
+    utilization_percent: Option<u32>,
+    memory_used_mib: Option<u64>,
+    power_watts: Option<f64>,
+    temperature_c: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,13 +79,25 @@ struct FixtureMig {
     memory_mib: u64,
 }
 
-/// Reads and validates a fixture into the inventory it describes.
-pub fn load_fixture(path: &Path) -> Result<HostInventory, FixtureError> {
+/// What a fixture describes: the inventory and each GPU's readings (in the
+/// inventory's order).
+#[derive(Debug)]
+struct Host {
+    inventory: HostInventory,
+    telemetry: Vec<DeviceTelemetry>,
+}
+
+fn read_host(path: &Path) -> Result<Host, FixtureError> {
     let file: FixtureFile = toml_file::load(path)?;
     validate(path, file)
 }
 
-fn validate(path: &Path, file: FixtureFile) -> Result<HostInventory, FixtureError> {
+/// Reads and validates a fixture into the inventory it describes.
+pub fn load_fixture(path: &Path) -> Result<HostInventory, FixtureError> {
+    Ok(read_host(path)?.inventory)
+}
+
+fn validate(path: &Path, file: FixtureFile) -> Result<Host, FixtureError> {
     let bad = |key: String, reason: String| FileError::invalid(path, key, reason);
     for (key, value) in [
         ("hostname", &file.hostname),
@@ -96,6 +131,7 @@ fn validate(path: &Path, file: FixtureFile) -> Result<HostInventory, FixtureErro
     };
 
     let mut gpus = Vec::with_capacity(file.gpus.len());
+    let mut telemetry = Vec::with_capacity(file.gpus.len());
     for (i, gpu) in file.gpus.iter().enumerate() {
         let at = format!("gpus[{i}]");
         note_uuid(&format!("{at}.uuid"), &gpu.uuid, "GPU-")?;
@@ -189,6 +225,7 @@ fn validate(path: &Path, file: FixtureFile) -> Result<HostInventory, FixtureErro
                 memory_mib: mig.memory_mib,
             });
         }
+        telemetry.push(gpu_telemetry(&at, gpu).map_err(|(key, reason)| bad(key, reason))?);
         gpus.push(Gpu {
             index: gpu.index,
             uuid: DeviceUuid::new(&gpu.uuid),
@@ -201,13 +238,77 @@ fn validate(path: &Path, file: FixtureFile) -> Result<HostInventory, FixtureErro
         });
     }
     gpus.sort_by_key(|gpu| gpu.index);
-    Ok(HostInventory {
-        hostname: file.hostname,
-        driver_version: file.driver_version,
-        cuda_version: file.cuda_version,
-        backend: BackendKind::Simulated,
-        gpus,
+    telemetry.sort_by_key(|reading| reading.index);
+    Ok(Host {
+        inventory: HostInventory {
+            hostname: file.hostname,
+            driver_version: file.driver_version,
+            cuda_version: file.cuda_version,
+            backend: BackendKind::Simulated,
+            gpus,
+            lost: Vec::new(),
+        },
+        telemetry,
     })
+}
+
+/// A GPU's readings from its fixture entry, checked, with the defaults;
+/// `Err((key, reason))` for a bad key.
+fn gpu_telemetry(at: &str, gpu: &FixtureGpu) -> Result<DeviceTelemetry, (String, String)> {
+    if let Some(percent) = gpu.utilization_percent {
+        if gpu.mig_mode {
+            return Err((
+                format!("{at}.utilization_percent"),
+                "a GPU in MIG mode reports no utilisation (NVML answers NOT_SUPPORTED)".into(),
+            ));
+        }
+        if percent > 100 {
+            return Err((
+                format!("{at}.utilization_percent"),
+                format!("{percent} is over 100"),
+            ));
+        }
+    }
+    let used = gpu.memory_used_mib.unwrap_or(DEFAULT_MEMORY_USED_MIB);
+    if used > gpu.memory_mib {
+        return Err((
+            format!("{at}.memory_used_mib"),
+            format!("{used} MiB is more than the GPU's {} MiB", gpu.memory_mib),
+        ));
+    }
+    let watts = gpu.power_watts.unwrap_or(DEFAULT_POWER_WATTS);
+    if !(0.0..=100_000.0).contains(&watts) {
+        return Err((
+            format!("{at}.power_watts"),
+            format!("{watts} is not a power draw in watts (0 to 100000)"),
+        ));
+    }
+    let temperature = gpu.temperature_c.unwrap_or(DEFAULT_TEMPERATURE_C);
+    if temperature > 200 {
+        return Err((
+            format!("{at}.temperature_c"),
+            format!("{temperature} is not a GPU temperature in degrees Celsius"),
+        ));
+    }
+    Ok(DeviceTelemetry {
+        index: gpu.index,
+        uuid: DeviceUuid::new(&gpu.uuid),
+        utilization_percent: (!gpu.mig_mode).then(|| {
+            gpu.utilization_percent
+                .unwrap_or(DEFAULT_UTILIZATION_PERCENT)
+        }),
+        memory_used_mib: Some(used),
+        memory_total_mib: Some(gpu.memory_mib),
+        // Whole milliwatts, as NVML reports them.
+        power_watts: Some(f64::from(power_milliwatts(watts)) / 1000.0),
+        temperature_c: Some(temperature),
+    })
+}
+
+/// `watts` to NVML's whole milliwatts.
+fn power_milliwatts(watts: f64) -> u32 {
+    // In range: validated to 0..=100_000 W.
+    (watts * 1000.0).round() as u32
 }
 
 /// A MIG profile is `<g>g.<mem>gb`, or `<c>c.<g>g.<mem>gb` for a compute
@@ -240,15 +341,51 @@ fn check_profile(profile: &str, compute_slices: u32) -> Result<(), String> {
 #[derive(Debug)]
 pub struct SimulatedHost {
     fixture: PathBuf,
+    state: Mutex<SimulatedState>,
+}
+
+#[derive(Debug)]
+struct SimulatedState {
+    memory: GpuMemory,
+    /// GPUs whose XIDs are delivered: those not lost at open, as an NVML
+    /// event set registers them.
+    registered: BTreeSet<DeviceUuid>,
+    /// The highest XID `seq` already seen.
+    last_seq: u64,
 }
 
 impl SimulatedHost {
-    /// Checks the fixture now so a bad one is refused at start.
+    /// Checks the fixture and its events file now so a bad one is refused
+    /// at start.
     pub fn open(fixture: &Path) -> Result<Self, FixtureError> {
-        load_fixture(fixture)?;
+        let host = read_host(fixture)?;
+        let events = load_events(fixture, &host.inventory)?;
+        let present: Vec<Gpu> = host
+            .inventory
+            .gpus
+            .into_iter()
+            .filter(|gpu| !events.lost.contains(&gpu.uuid))
+            .collect();
+        let mut memory = GpuMemory::default();
+        memory.scanned(present.iter().map(|gpu| (gpu.index, gpu.uuid.clone())), &[]);
         Ok(Self {
             fixture: fixture.to_path_buf(),
+            state: Mutex::new(SimulatedState {
+                memory,
+                registered: present.into_iter().map(|gpu| gpu.uuid).collect(),
+                last_seq: events.last_seq(),
+            }),
         })
+    }
+
+    /// The fixture this host is read from.
+    pub fn fixture(&self) -> &Path {
+        &self.fixture
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, SimulatedState> {
+        // The state is a few plain values, whole even after a panic.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -258,20 +395,70 @@ impl GpuBackend for SimulatedHost {
     }
 
     fn discover(&self) -> Result<HostInventory, GpuError> {
-        Ok(load_fixture(&self.fixture)?)
+        let mut inventory = read_host(&self.fixture)?.inventory;
+        let events = load_events(&self.fixture, &inventory)?;
+        let mut state = self.state();
+        let (lost, present): (Vec<Gpu>, Vec<Gpu>) = std::mem::take(&mut inventory.gpus)
+            .into_iter()
+            .partition(|gpu| events.lost.contains(&gpu.uuid));
+        inventory.gpus = present;
+        inventory.lost = lost
+            .iter()
+            .map(|gpu| state.memory.lost_gpu(gpu.index))
+            .collect();
+        state.memory.scanned(
+            inventory
+                .gpus
+                .iter()
+                .map(|gpu| (gpu.index, gpu.uuid.clone())),
+            &inventory.lost,
+        );
+        Ok(inventory)
+    }
+
+    fn telemetry(&self) -> Result<Vec<DeviceTelemetry>, GpuError> {
+        let host = read_host(&self.fixture)?;
+        let events = load_events(&self.fixture, &host.inventory)?;
+        Ok(host
+            .telemetry
+            .into_iter()
+            .filter(|reading| !events.lost.contains(&reading.uuid))
+            .collect())
+    }
+
+    fn health_events(&self) -> Result<Vec<HealthEvent>, GpuError> {
+        let host = read_host(&self.fixture)?;
+        let events = load_events(&self.fixture, &host.inventory)?;
+        let mut state = self.state();
+        let mut raised: Vec<HealthEvent> = events
+            .after(state.last_seq)
+            .filter(|xid| state.registered.contains(&xid.device))
+            .map(|xid| HealthEvent::Xid {
+                device: xid.device.clone(),
+                xid: xid.xid,
+            })
+            .collect();
+        state.last_seq = state.last_seq.max(events.last_seq());
+        raised.extend(
+            state
+                .memory
+                .lost_events(|_, uuid| Ok(events.lost.contains(uuid)))?,
+        );
+        Ok(raised)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::LostGpu;
 
     const DGX: &str = include_str!("../../fixtures/sim-dgx-a100.toml");
     const H100_PAIR: &str = include_str!("../../fixtures/sim-h100-pair.toml");
 
     fn parse(text: &str) -> Result<HostInventory, FixtureError> {
         let path = Path::new("fixture.toml");
-        validate(path, toml_file::parse(path, text)?)
+        validate(path, toml_file::parse(path, text)?).map(|host| host.inventory)
     }
 
     fn refusal(text: &str) -> (String, String) {
@@ -439,5 +626,192 @@ mod tests {
         assert_eq!(host.discover().unwrap().gpus.len(), 1);
         std::fs::write(&path, "hostname = ").unwrap();
         assert!(matches!(host.discover(), Err(GpuError::Fixture(_))));
+    }
+
+    fn telemetry_of(text: &str) -> Vec<DeviceTelemetry> {
+        let path = Path::new("fixture.toml");
+        validate(path, toml_file::parse(path, text).unwrap())
+            .unwrap()
+            .telemetry
+    }
+
+    #[test]
+    fn telemetry_defaults_are_plausible_and_a_mig_gpu_has_no_utilisation() {
+        let readings = telemetry_of(DGX);
+        assert_eq!(readings.len(), 8);
+        let mig_gpu = &readings[0];
+        assert_eq!(
+            mig_gpu.uuid.as_str(),
+            "GPU-b644960d-a808-45b0-b4e1-f6add005db2d"
+        );
+        assert_eq!(mig_gpu.utilization_percent, None);
+        assert_eq!(mig_gpu.memory_used_mib, Some(0));
+        assert_eq!(mig_gpu.memory_total_mib, Some(81920));
+        assert_eq!(mig_gpu.power_watts, Some(60.0));
+        assert_eq!(mig_gpu.temperature_c, Some(35));
+        assert_eq!(readings[2].utilization_percent, Some(0));
+        assert_eq!(readings[7].index, 7);
+    }
+
+    #[test]
+    fn telemetry_keys_are_read_and_power_is_whole_milliwatts() {
+        let text = H100_PAIR.replacen(
+            "mig_mode = false",
+            "mig_mode = false\nutilization_percent = 87\nmemory_used_mib = 40000\n\
+             power_watts = 612.3456\ntemperature_c = 71",
+            1,
+        );
+        let reading = &telemetry_of(&text)[0];
+        assert_eq!(reading.utilization_percent, Some(87));
+        assert_eq!(reading.memory_used_mib, Some(40000));
+        assert_eq!(reading.power_watts, Some(612.346));
+        assert_eq!(reading.temperature_c, Some(71));
+    }
+
+    #[test]
+    fn bad_telemetry_keys_are_refused() {
+        let text = DGX.replacen(
+            "mig_mode = true",
+            "mig_mode = true\nutilization_percent = 5",
+            1,
+        );
+        assert_eq!(refusal(&text).0, "gpus[0].utilization_percent");
+        let text = H100_PAIR.replacen(
+            "mig_mode = false",
+            "mig_mode = false\nutilization_percent = 101",
+            1,
+        );
+        assert_eq!(refusal(&text).0, "gpus[0].utilization_percent");
+        let text = H100_PAIR.replacen(
+            "mig_mode = false",
+            "mig_mode = false\nmemory_used_mib = 81560",
+            1,
+        );
+        assert_eq!(refusal(&text).0, "gpus[0].memory_used_mib");
+        let text = H100_PAIR.replacen(
+            "mig_mode = false",
+            "mig_mode = false\npower_watts = -1.0",
+            1,
+        );
+        assert_eq!(refusal(&text).0, "gpus[0].power_watts");
+        let text = H100_PAIR.replacen(
+            "mig_mode = false",
+            "mig_mode = false\ntemperature_c = 900",
+            1,
+        );
+        assert_eq!(refusal(&text).0, "gpus[0].temperature_c");
+    }
+
+    const GPU0: &str = "GPU-9b12b00c-6d0c-490a-b0b2-879ea7657096";
+    const GPU1: &str = "GPU-c273bec9-e03a-483e-a0c6-df38aac9f7eb";
+
+    fn xid_entry(seq: u64, uuid: &str, xid: u64) -> String {
+        format!("[[xid]]\nseq = {seq}\nuuid = \"{uuid}\"\nxid = {xid}\n")
+    }
+
+    #[test]
+    fn xids_raised_at_run_time_are_delivered_once_in_seq_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host.toml");
+        let events = dir.path().join("host.events.toml");
+        std::fs::write(&path, H100_PAIR).unwrap();
+        // Raised before the host opened: not delivered, like an event set
+        // registered afterwards.
+        std::fs::write(&events, xid_entry(1, GPU0, 48)).unwrap();
+        let host = SimulatedHost::open(&path).unwrap();
+        assert!(host.health_events().unwrap().is_empty());
+        std::fs::write(
+            &events,
+            [
+                xid_entry(1, GPU0, 48),
+                xid_entry(3, GPU1, 13),
+                xid_entry(2, GPU0, 79),
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(
+            host.health_events().unwrap(),
+            [
+                HealthEvent::Xid {
+                    device: DeviceUuid::new(GPU0),
+                    xid: 79
+                },
+                HealthEvent::Xid {
+                    device: DeviceUuid::new(GPU1),
+                    xid: 13
+                },
+            ]
+        );
+        assert!(host.health_events().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_lost_gpu_leaves_the_scan_and_the_telemetry_and_is_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host.toml");
+        let events = dir.path().join("host.events.toml");
+        std::fs::write(&path, H100_PAIR).unwrap();
+        let host = SimulatedHost::open(&path).unwrap();
+        std::fs::write(&events, format!("lost = [\"{GPU1}\"]")).unwrap();
+
+        let scan = host.discover().unwrap();
+        assert_eq!(scan.gpus.len(), 1);
+        assert_eq!(scan.assignable().len(), 1);
+        assert_eq!(
+            scan.lost,
+            [LostGpu {
+                index: 1,
+                uuid: Some(DeviceUuid::new(GPU1))
+            }]
+        );
+        let readings = host.telemetry().unwrap();
+        assert_eq!(readings.len(), 1);
+        assert_eq!(readings[0].uuid.as_str(), GPU0);
+        let lost = HealthEvent::Lost {
+            device: DeviceUuid::new(GPU1),
+        };
+        assert_eq!(host.health_events().unwrap(), [lost.clone()]);
+        assert!(host.health_events().unwrap().is_empty());
+
+        // Back on the bus (after a reset), then lost again.
+        std::fs::write(&events, "lost = []").unwrap();
+        assert_eq!(host.discover().unwrap().gpus.len(), 2);
+        assert!(host.health_events().unwrap().is_empty());
+        std::fs::write(&events, format!("lost = [\"{GPU1}\"]")).unwrap();
+        assert_eq!(host.health_events().unwrap(), [lost]);
+    }
+
+    #[test]
+    fn a_gpu_lost_before_open_has_no_known_uuid_and_no_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host.toml");
+        std::fs::write(&path, H100_PAIR).unwrap();
+        std::fs::write(
+            dir.path().join("host.events.toml"),
+            format!("lost = [\"{GPU0}\"]"),
+        )
+        .unwrap();
+        let host = SimulatedHost::open(&path).unwrap();
+        let scan = host.discover().unwrap();
+        assert_eq!(
+            scan.lost,
+            [LostGpu {
+                index: 0,
+                uuid: None
+            }]
+        );
+        assert!(host.health_events().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_bad_events_file_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host.toml");
+        std::fs::write(&path, H100_PAIR).unwrap();
+        std::fs::write(dir.path().join("host.events.toml"), "lost = [\"GPU-x\"]").unwrap();
+        let err = SimulatedHost::open(&path).unwrap_err();
+        assert_eq!(err.key(), Some("lost[0]"));
+        assert!(err.to_string().contains("host.events.toml"), "{err}");
     }
 }

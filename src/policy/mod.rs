@@ -268,6 +268,16 @@ impl Policy {
         validate(path, file, host_devices)
     }
 
+    /// Validates a policy stated in file form by another source (the
+    /// control plane's snapshot); `origin` names it in errors.
+    pub fn from_document(
+        origin: &Path,
+        document: PolicyFile,
+        host_devices: Option<&HashSet<DeviceUuid>>,
+    ) -> Result<LoadedPolicy, FileError> {
+        validate(origin, document, host_devices)
+    }
+
     /// A policy with no accounts, so every launch is refused as being of an
     /// unknown account; every rate is 0 and enforcement has its defaults.
     pub fn empty() -> Policy {
@@ -423,88 +433,90 @@ impl Policy {
 // ---------------------------------------------------------------------------
 // The file as written.
 
-#[derive(Debug, Deserialize)]
+/// The policy as its file (or the control plane's snapshot, converted)
+/// states it, before validation: [`Policy::from_document`] validates it.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PolicyFile {
+pub struct PolicyFile {
     /// Sorted, so of several bad rates the same one is named every time.
     #[serde(default)]
-    rates: BTreeMap<String, f64>,
+    pub rates: BTreeMap<String, f64>,
     #[serde(default)]
-    enforcement: EnforcementFile,
+    pub enforcement: EnforcementFile,
     #[serde(default)]
-    users: Vec<UserFile>,
+    pub users: Vec<UserFile>,
     #[serde(default)]
-    orgs: Vec<OrgFile>,
+    pub orgs: Vec<OrgFile>,
     #[serde(default)]
-    reservations: Vec<ReservationFile>,
+    pub reservations: Vec<ReservationFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct EnforcementFile {
-    min_balance_seconds: Option<u64>,
-    on_balance_exhausted: Option<OnBalanceExhausted>,
-    grace_seconds: Option<u64>,
+pub struct EnforcementFile {
+    pub min_balance_seconds: Option<u64>,
+    pub on_balance_exhausted: Option<OnBalanceExhausted>,
+    pub grace_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UserFile {
-    id: String,
+pub struct UserFile {
+    pub id: String,
     #[serde(default)]
     #[allow(dead_code)]
-    email: Option<String>,
-    plan: Plan,
-    max_sessions: Option<u32>,
-    balance: Option<f64>,
+    pub email: Option<String>,
+    pub plan: Plan,
+    pub max_sessions: Option<u32>,
+    pub balance: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct OrgFile {
-    id: String,
+pub struct OrgFile {
+    pub id: String,
     #[serde(default)]
     #[allow(dead_code)]
-    name: Option<String>,
-    plan: Option<Plan>,
-    parent: Option<String>,
-    max_sessions: Option<u32>,
-    balance: Option<f64>,
+    pub name: Option<String>,
+    pub plan: Option<Plan>,
+    pub parent: Option<String>,
+    pub max_sessions: Option<u32>,
+    pub balance: Option<f64>,
     #[serde(default)]
-    members: Vec<MemberFile>,
+    pub members: Vec<MemberFile>,
     #[serde(default)]
-    service_accounts: Vec<ServiceAccountFile>,
+    pub service_accounts: Vec<ServiceAccountFile>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct MemberFile {
-    user: String,
-    role: Role,
+pub struct MemberFile {
+    pub user: String,
+    pub role: Role,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ServiceAccountFile {
-    id: String,
+pub struct ServiceAccountFile {
+    pub id: String,
     #[serde(default)]
     #[allow(dead_code)]
-    name: Option<String>,
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ReservationFile {
-    org: String,
-    devices: Vec<String>,
-    windows: Vec<WindowFile>,
+pub struct ReservationFile {
+    pub org: String,
+    pub devices: Vec<String>,
+    pub windows: Vec<WindowFile>,
     #[serde(default)]
-    billing: ReservationBilling,
+    pub billing: ReservationBilling,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
 #[serde(rename_all = "lowercase")]
-enum ReservationBilling {
+pub enum ReservationBilling {
     #[default]
     Reservation,
     Balance,
@@ -512,9 +524,9 @@ enum ReservationBilling {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WindowFile {
-    start: String,
-    end: String,
+pub struct WindowFile {
+    pub start: String,
+    pub end: String,
 }
 
 // ---------------------------------------------------------------------------

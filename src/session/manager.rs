@@ -43,8 +43,10 @@ const LAUNCH_WINDOW: Duration = Duration::from_secs(120);
 /// Processes a session's container may have.
 const PIDS_LIMIT: i64 = 4096;
 
+mod credit;
 mod enforcement;
 
+pub use credit::CreditControl;
 use enforcement::{BalanceState, ScheduledStop};
 
 /// Where the session manager's collaborators and settings come from.
@@ -73,6 +75,8 @@ pub struct SessionManager {
     /// Billed accounts already told they are low or out, so each change is
     /// announced once.
     balance_notices: Mutex<HashMap<String, BalanceState>>,
+    /// Control-plane mode: slots and credit come from the control plane.
+    credit: Option<CreditControl>,
 }
 
 /// An account's usage in a period and the balance that pays for it.
@@ -122,7 +126,20 @@ impl SessionManager {
             events,
             scheduled: Mutex::new(HashMap::new()),
             balance_notices: Mutex::new(HashMap::new()),
+            credit: None,
         }
+    }
+
+    /// The control-plane link, in control-plane mode.
+    pub fn link_state(&self) -> Option<&Arc<crate::control_plane::LinkState>> {
+        self.credit.as_ref().map(|credit| &credit.link)
+    }
+
+    /// Control-plane mode: every launch is authorized by the control plane
+    /// and runs on its grants; balances are the control plane's.
+    pub fn with_credit_control(mut self, credit: CreditControl) -> Self {
+        self.credit = Some(credit);
+        self
     }
 
     /// The policy in force now.
@@ -297,6 +314,9 @@ impl SessionManager {
         for device in self.foreign_devices().into_keys() {
             unavailable.entry(device).or_insert(Unavailable::Foreign);
         }
+        if let Some(credit) = &self.credit {
+            credit.gate()?;
+        }
         let policy = self.policy();
         let account =
             admission::authorize_launch(&policy, &plan.principal, plan.scope, &plan.account_id)?;
@@ -314,6 +334,9 @@ impl SessionManager {
             created_at: now,
         };
         let selector = plan.devices.clone();
+        // With a control plane, balances are its own: local debits do not
+        // count against the balance it sent.
+        let local_balances = self.credit.is_none();
         // Decided on the ledger's view inside the transaction that records
         // the session: concurrent launches see each other's sessions.
         let begun = self
@@ -327,6 +350,7 @@ impl SessionManager {
                     unavailable,
                     &selector,
                     now,
+                    local_balances,
                 )
             })
             .await;
@@ -341,7 +365,14 @@ impl SessionManager {
         };
 
         let mut created = None;
-        match self.start_container(&session, &plan, &mut created).await {
+        let started = async {
+            let session = match &self.credit {
+                Some(credit) => self.authorize_session(credit, &session).await?,
+                None => session.clone(),
+            };
+            self.start_container(&session, &plan, &mut created).await
+        };
+        match started.await {
             Ok(running) => {
                 tracing::info!(
                     session = %running.id,
@@ -1104,6 +1135,7 @@ impl SessionManager {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Where a launch is decided, on the ledger's view inside the transaction
 /// that records it: the account's pools, the devices (reservations of
 /// other orgs kept out, the account's own preferred), the billing path and
@@ -1116,6 +1148,7 @@ fn admit(
     mut unavailable: HashMap<DeviceUuid, Unavailable>,
     selector: &DeviceSelector,
     now: UnixNanos,
+    local_balances: bool,
 ) -> Result<Admitted, Refusal> {
     let open: Vec<OpenSession<'_>> = view
         .open
@@ -1139,8 +1172,10 @@ fn admit(
     let uuids: Vec<DeviceUuid> = picked.iter().map(|d| d.uuid.clone()).collect();
     let billing_path = admission::billing_path(policy, account, &uuids, now);
     let rates: Vec<Rate> = picked.iter().map(|d| policy.rate(&d.class)).collect();
-    let balance = policy.opening_balance(&account.billed_account_id)
-        + view.balance_delta(&account.billed_account_id);
+    let mut balance = policy.opening_balance(&account.billed_account_id);
+    if local_balances {
+        balance = balance + view.balance_delta(&account.billed_account_id);
+    }
     admission::check_balance(policy, account, billing_path, balance, &rates)?;
     Ok(Admitted {
         devices: picked.into_iter().zip(rates).collect(),

@@ -2,6 +2,9 @@
 //! temporary state folder, reached over its real Unix socket.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod plane;
+pub mod tls;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -38,6 +41,8 @@ pub struct Daemon {
     pub node_id: String,
     pub socket: PathBuf,
     pub config: PathBuf,
+    /// Extra environment of the daemon process, kept for restarts.
+    env: Vec<(String, String)>,
     child: Child,
 }
 
@@ -49,7 +54,12 @@ impl Daemon {
     /// the config file. Without a `[policy]` section in `extra`, the daemon
     /// runs under `fixtures/policy-test.toml` (generous limits).
     pub fn start(fixture_name: &str, extra: &str) -> Self {
-        let extra = if extra.contains("[policy]") {
+        Self::start_with_env(fixture_name, extra, &[])
+    }
+
+    /// `start`, with these variables in the daemon's environment.
+    pub fn start_with_env(fixture_name: &str, extra: &str, env: &[(&str, &str)]) -> Self {
+        let extra = if extra.contains("[policy]") || extra.contains("[control_plane]") {
             extra.to_owned()
         } else {
             format!(
@@ -71,12 +81,17 @@ impl Daemon {
             ),
         )
         .unwrap();
-        let child = spawn(&config);
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let child = spawn(&config, &env);
         Self {
             dir,
             node_id,
             socket,
             config,
+            env,
             child,
         }
     }
@@ -101,7 +116,7 @@ impl Daemon {
             self.child.try_wait().unwrap().is_some(),
             "the daemon still runs"
         );
-        self.child = spawn(&self.config);
+        self.child = spawn(&self.config, &self.env);
     }
 
     /// Waits until the daemon answers on its socket (polling, bounded).
@@ -147,10 +162,11 @@ impl Daemon {
     }
 }
 
-fn spawn(config: &Path) -> Child {
+fn spawn(config: &Path, env: &[(String, String)]) -> Child {
     Command::new(BIN)
         .args(["run", "--config"])
         .arg(config)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -3,6 +3,8 @@
 //! zero schedules its sessions' stop after the grace period, and an open
 //! reservation window schedules the stop of other accounts' sessions on its
 //! devices; stops that fall due are carried out with their end reason.
+//! In control-plane mode balances are the control plane's (see `credit`);
+//! reservations are still enforced here, from its policy.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::PoisonError;
@@ -70,9 +72,11 @@ impl SessionManager {
 
         let mut wanted: HashMap<SessionId, EndReason> = HashMap::new();
         let mut by_billed: BTreeMap<&str, Vec<&SessionRecord>> = BTreeMap::new();
+        // With a control plane, balances are its to enforce, through grants.
+        let local_balances = self.credit.is_none();
         for session in running
             .iter()
-            .filter(|s| s.billing_path == BillingPath::Balance)
+            .filter(|s| local_balances && s.billing_path == BillingPath::Balance)
         {
             by_billed
                 .entry(&session.billed_account_id)

@@ -1,0 +1,329 @@
+//! The long-lived tasks of control-plane mode:
+//!
+//! - the link: register, follow `WatchPolicy`, and send `ReportStatus` on
+//!   every session or drain change and periodically; any failure marks the
+//!   link down and reconnects with exponential backoff and jitter;
+//! - usage delivery: batches from the ledger's outbox through
+//!   `ReportUsage`, each record retried until acknowledged (record ids are
+//!   stable, so the control plane deduplicates), and acknowledged records
+//!   compacted after the retention period.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+use super::{ControlPlane, LinkError, LinkState, policy};
+use crate::agent::Agent;
+use crate::api::convert;
+use crate::clock::UnixNanos;
+use crate::events::EventKind;
+use crate::ledger::OutboxRecord;
+use crate::proto;
+
+/// Status is reported at least this often when the control plane names no
+/// interval.
+const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(30);
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Records per `ReportUsage` call.
+const USAGE_BATCH: u32 = 500;
+/// Delivered usage records are kept this long after their session ended.
+pub const USAGE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The next backoff: doubled, capped, with up to a quarter of jitter so a
+/// fleet does not reconnect in step.
+fn next_backoff(current: Duration) -> Duration {
+    let doubled = (current * 2).min(BACKOFF_MAX);
+    let jitter_range = doubled.as_millis() as u64 / 4;
+    let jitter = if jitter_range == 0 {
+        0
+    } else {
+        // Random enough for spreading reconnects; no extra dependency.
+        (uuid::Uuid::new_v4().as_u128() as u64) % jitter_range
+    };
+    doubled.saturating_sub(Duration::from_millis(jitter))
+}
+
+#[derive(Debug)]
+pub struct Link {
+    plane: Arc<dyn ControlPlane>,
+    state: Arc<LinkState>,
+    agent: Arc<Agent>,
+}
+
+impl Link {
+    pub fn new(plane: Arc<dyn ControlPlane>, state: Arc<LinkState>, agent: Arc<Agent>) -> Self {
+        Self {
+            plane,
+            state,
+            agent,
+        }
+    }
+
+    fn now(&self) -> UnixNanos {
+        self.agent.sessions().now()
+    }
+
+    /// Keeps the link up until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut backoff = BACKOFF_START;
+        loop {
+            let error = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                error = self.connected() => error,
+            };
+            if self.state.set_up(false, self.now()) {
+                // It was up: start the backoff over.
+                tracing::warn!(error = %error, "control-plane link down; reconnecting");
+                backoff = BACKOFF_START;
+            } else {
+                tracing::debug!(error = %error, "control plane still unreachable");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = next_backoff(backoff);
+        }
+    }
+
+    /// One connection: register, then follow the policy and report status
+    /// until something fails; returns why.
+    async fn connected(&self) -> LinkError {
+        let mut events = self.agent.sessions().events().subscribe();
+        let registered = match self
+            .plane
+            .register_node(proto::RegisterNodeRequest {
+                node_id: self.agent.node_id().to_owned(),
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                inventory: self.inventory().await,
+            })
+            .await
+        {
+            Ok(registered) => registered,
+            Err(error) => return error,
+        };
+        let interval = match registered.status_interval_seconds {
+            0 => DEFAULT_STATUS_INTERVAL,
+            seconds => Duration::from_secs(u64::from(seconds)),
+        };
+        let mut policies = match self
+            .plane
+            .watch_policy(proto::WatchPolicyRequest {
+                node_id: self.agent.node_id().to_owned(),
+                known_version: self.state.policy_version(),
+            })
+            .await
+        {
+            Ok(stream) => stream,
+            Err(error) => return error,
+        };
+        if self.state.set_up(true, self.now()) {
+            tracing::info!("control-plane link up");
+        }
+        if let Err(error) = self.report_status().await {
+            return error;
+        }
+        let mut ticks = tokio::time::interval(interval);
+        ticks.tick().await;
+        loop {
+            tokio::select! {
+                update = policies.next() => match update {
+                    Some(Ok(update)) => self.apply_policy(update),
+                    Some(Err(error)) => return error,
+                    None => return LinkError::Unreachable("the policy stream ended".into()),
+                },
+                event = events.recv() => {
+                    let changed = match event {
+                        Ok(event) => matches!(
+                            event.kind,
+                            EventKind::SessionStarted(_) | EventKind::SessionEnded(_) | EventKind::DrainChanged { .. }
+                        ),
+                        // Missed some: report to be sure.
+                        Err(_) => true,
+                    };
+                    if changed && let Err(error) = self.report_status().await {
+                        return error;
+                    }
+                }
+                _ = ticks.tick() => {
+                    if let Err(error) = self.report_status().await {
+                        return error;
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_policy(&self, update: proto::PolicyUpdate) {
+        let version = update.version;
+        let Some(snapshot) = update.policy else {
+            tracing::warn!(version, "policy update without a policy; the one in force stays");
+            return;
+        };
+        match policy::from_snapshot(version, snapshot, Some(&self.agent.device_uuids())) {
+            Ok(loaded) => {
+                for warning in &loaded.warnings {
+                    tracing::warn!(version, "policy: {warning}");
+                }
+                self.agent.sessions().set_policy(Arc::new(loaded.policy));
+                self.state.set_policy_version(version);
+                tracing::info!(version, "control-plane policy in force");
+            }
+            Err(error) => tracing::error!(
+                version,
+                error = %crate::error::chain(&error),
+                "control-plane policy refused; the one in force stays"
+            ),
+        }
+    }
+
+    async fn inventory(&self) -> Option<proto::Inventory> {
+        match self.agent.inventory().await {
+            Ok(view) => Some((&view).into()),
+            Err(refusal) => {
+                tracing::warn!(error = %refusal, "inventory unavailable for the control plane");
+                None
+            }
+        }
+    }
+
+    async fn report_status(&self) -> Result<(), LinkError> {
+        let sessions = self.agent.sessions();
+        let now = sessions.now();
+        let open = sessions
+            .ledger()
+            .list(crate::ledger::SessionFilter {
+                account_id: None,
+                include_ended: false,
+            })
+            .await
+            .unwrap_or_default();
+        let backlog = sessions.ledger().outbox_backlog().await.unwrap_or_default();
+        self.plane
+            .report_status(proto::NodeStatus {
+                node_id: self.agent.node_id().to_owned(),
+                at: Some(now.to_timestamp()),
+                inventory: self.inventory().await,
+                sessions: open.iter().map(|s| convert::session(s, now)).collect(),
+                draining: sessions.is_draining(),
+                outbox_backlog: backlog,
+            })
+            .await
+    }
+
+    /// Delivers the outbox until `shutdown`: every record is sent until the
+    /// control plane acknowledges it.
+    pub async fn deliver_usage(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut backoff = BACKOFF_START;
+        let mut compacted_at = UnixNanos(0);
+        loop {
+            let delay = match self.deliver_once().await {
+                Ok(0) => {
+                    backoff = BACKOFF_START;
+                    Duration::from_secs(1)
+                }
+                Ok(_) => {
+                    backoff = BACKOFF_START;
+                    Duration::ZERO
+                }
+                Err(error) => {
+                    tracing::debug!(error = %error, "usage delivery failed; retrying");
+                    backoff = next_backoff(backoff);
+                    backoff
+                }
+            };
+            let now = self.now();
+            if now.0.saturating_sub(compacted_at.0) > 3_600_000_000_000 {
+                compacted_at = now;
+                let before = UnixNanos(
+                    now.0
+                        .saturating_sub(i64::try_from(USAGE_RETENTION.as_nanos()).unwrap_or(0)),
+                );
+                match self.agent.sessions().ledger().compact_delivered(before).await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, "compacted delivered usage records"),
+                    Err(error) => tracing::warn!(error = %error, "compacting usage records failed"),
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Sends one batch; returns how many records were newly acknowledged.
+    async fn deliver_once(&self) -> Result<usize, LinkError> {
+        let ledger = self.agent.sessions().ledger();
+        let records = ledger
+            .undelivered_usage(USAGE_BATCH)
+            .await
+            .map_err(|e| LinkError::Malformed(format!("the ledger cannot be read: {e}")))?;
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let sent = records.len();
+        let ack = self
+            .plane
+            .report_usage(proto::UsageBatch {
+                node_id: self.agent.node_id().to_owned(),
+                records: records.iter().map(usage_record).collect(),
+            })
+            .await?;
+        let marked = ledger
+            .mark_delivered(ack.acknowledged_ids, self.now())
+            .await
+            .map_err(|e| LinkError::Malformed(format!("the ledger cannot be written: {e}")))?;
+        tracing::debug!(sent, acknowledged = marked, "usage delivered");
+        if marked == 0 {
+            // Nothing of the batch was taken: wait rather than spin.
+            return Err(LinkError::Malformed(
+                "the control plane acknowledged none of the batch".into(),
+            ));
+        }
+        Ok(marked)
+    }
+}
+
+fn usage_record(record: &OutboxRecord) -> proto::UsageRecord {
+    proto::UsageRecord {
+        id: record.id.clone(),
+        session_id: record.session_id.clone(),
+        node_id: record.node_id.clone(),
+        account_id: record.account_id.clone(),
+        billed_account_id: record.billed_account_id.clone(),
+        scope: convert::scope_to_proto(record.scope),
+        billing_path: convert::billing_path_to_proto(record.billing_path),
+        owner: record.owner.clone(),
+        device_uuid: record.device_uuid.clone(),
+        device_class: record.device_class.clone(),
+        period_start: Some(record.period_start.to_timestamp()),
+        period_end: Some(record.period_end.to_timestamp()),
+        device_milliseconds: record.device_ms,
+        gpu_seconds: record.gpu_seconds,
+        cost: Some(proto::Credits {
+            nano_credits: record.cost.0,
+        }),
+        r#final: record.last,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_bounded_jitter() {
+        let mut backoff = BACKOFF_START;
+        for _ in 0..20 {
+            let next = next_backoff(backoff);
+            assert!(next <= BACKOFF_MAX);
+            assert!(next >= (backoff * 2).min(BACKOFF_MAX) * 3 / 4);
+            backoff = next;
+        }
+        assert!(backoff > BACKOFF_MAX / 2);
+    }
+}
