@@ -70,6 +70,7 @@ struct DockerSection {
 #[serde(deny_unknown_fields)]
 struct ApiSection {
     unix_socket: Option<PathBuf>,
+    unix_socket_group: Option<String>,
     listen: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -161,6 +162,9 @@ pub struct TcpListenerConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiConfig {
     pub unix_socket: PathBuf,
+    /// Besides root and the agent's own user, members of this group (name,
+    /// gid) may use the Unix socket.
+    pub unix_socket_group: Option<(String, u32)>,
     /// The TCP listener, always with mutual TLS; `None` when not configured.
     pub tcp: Option<TcpListenerConfig>,
 }
@@ -453,7 +457,29 @@ impl Validator<'_> {
                 None
             }
         };
-        Ok(ApiConfig { unix_socket, tcp })
+        let unix_socket_group = match api.unix_socket_group {
+            Some(name) => match nix::unistd::Group::from_name(&name) {
+                Ok(Some(group)) => Some((name, group.gid.as_raw())),
+                Ok(None) => {
+                    return Err(self.bad(
+                        "api.unix_socket_group",
+                        format!("no group `{name}` on this host; create it or name another"),
+                    ));
+                }
+                Err(errno) => {
+                    return Err(self.bad(
+                        "api.unix_socket_group",
+                        format!("cannot look up group `{name}`: {errno}"),
+                    ));
+                }
+            },
+            None => None,
+        };
+        Ok(ApiConfig {
+            unix_socket,
+            unix_socket_group,
+            tcp,
+        })
     }
 
     fn control_plane(&self, cp: ControlPlaneSection) -> Result<ControlPlaneConfig, ConfigError> {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -67,10 +68,50 @@ impl ApiError {
     }
 }
 
+/// Who may use the Unix socket: root, the agent's own user, and members
+/// of `api.unix_socket_group`. The socket file's mode (0660, owner and
+/// group) already keeps others out; the peer's credentials are checked on
+/// every connection as well, so a socket file with the wrong mode or a
+/// descriptor passed on does not let anyone else in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketAccess {
+    pub own_uid: u32,
+    pub group: Option<u32>,
+}
+
+impl SocketAccess {
+    /// Whether a peer with `uid` and primary `gid` is admitted;
+    /// `supplementary` gives its other groups, asked only when needed.
+    pub fn admits(&self, uid: u32, gid: u32, supplementary: impl FnOnce() -> Vec<u32>) -> bool {
+        if uid == 0 || uid == self.own_uid {
+            return true;
+        }
+        match self.group {
+            Some(group) => gid == group || supplementary().contains(&group),
+            None => false,
+        }
+    }
+}
+
+/// The groups of the user `uid` (its primary `gid` included), from the
+/// host's user database.
+fn groups_of(uid: u32, gid: u32) -> Vec<u32> {
+    let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) else {
+        return Vec::new();
+    };
+    let Ok(name) = std::ffi::CString::new(user.name) else {
+        return Vec::new();
+    };
+    nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
+        .map(|groups| groups.into_iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_default()
+}
+
 /// Listeners bound and ready to serve.
 #[derive(Debug)]
 pub struct BoundApi {
     unix: UnixListener,
+    access: SocketAccess,
     /// Removed by the daemon once it has stopped serving.
     unix_path: PathBuf,
     tcp: Option<(TcpListener, ServerTlsConfig)>,
@@ -78,7 +119,8 @@ pub struct BoundApi {
 
 /// Binds the Unix socket and, when configured, the TCP listener.
 pub async fn bind(config: &ApiConfig) -> Result<BoundApi, ApiError> {
-    let unix = bind_unix(&config.unix_socket).await?;
+    let group = config.unix_socket_group.as_ref().map(|(_, gid)| *gid);
+    let unix = bind_unix(&config.unix_socket, group).await?;
     let tcp = match &config.tcp {
         Some(tcp) => {
             let tls = server_tls(&tcp.tls).await?;
@@ -95,12 +137,16 @@ pub async fn bind(config: &ApiConfig) -> Result<BoundApi, ApiError> {
     };
     Ok(BoundApi {
         unix,
+        access: SocketAccess {
+            own_uid: nix::unistd::geteuid().as_raw(),
+            group,
+        },
         unix_path: config.unix_socket.clone(),
         tcp,
     })
 }
 
-async fn bind_unix(path: &Path) -> Result<UnixListener, ApiError> {
+async fn bind_unix(path: &Path, group: Option<u32>) -> Result<UnixListener, ApiError> {
     if let Some(dir) = path.parent() {
         tokio::fs::create_dir_all(dir)
             .await
@@ -127,6 +173,10 @@ async fn bind_unix(path: &Path) -> Result<UnixListener, ApiError> {
     tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
         .await
         .map_err(bind_error)?;
+    if let Some(gid) = group {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|errno| bind_error(std::io::Error::from(errno)))?;
+    }
     Ok(listener)
 }
 
@@ -188,7 +238,26 @@ impl BoundApi {
         tasks.spawn(
             async move {
                 tracing::info!(socket = %unix_path.display(), "serving the API on the Unix socket");
-                let incoming = UnixListenerStream::new(self.unix);
+                let access = self.access;
+                let incoming = UnixListenerStream::new(self.unix).filter_map(move |connection| {
+                    let stream = match connection {
+                        Ok(stream) => stream,
+                        Err(error) => return Some(Err(error)),
+                    };
+                    match stream.peer_cred() {
+                        Ok(peer) if access.admits(peer.uid(), peer.gid(), || {
+                            groups_of(peer.uid(), peer.gid())
+                        }) => Some(Ok(stream)),
+                        Ok(peer) => {
+                            tracing::warn!(uid = peer.uid(), gid = peer.gid(), pid = ?peer.pid(), "refused a Unix socket connection: not root, not this agent's user, not in api.unix_socket_group");
+                            None
+                        }
+                        Err(error) => {
+                            tracing::warn!(error = %error, "refused a Unix socket connection whose peer cannot be identified");
+                            None
+                        }
+                    }
+                });
                 if let Err(error) = unix_routes
                     .serve_with_incoming_shutdown(incoming, stopped)
                     .await
@@ -219,5 +288,29 @@ impl BoundApi {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SocketAccess;
+
+    #[test]
+    fn root_the_agents_user_and_the_group_are_admitted_others_not() {
+        let access = SocketAccess {
+            own_uid: 998,
+            group: Some(997),
+        };
+        let never = || -> Vec<u32> { panic!("no group lookup needed") };
+        assert!(access.admits(0, 0, never));
+        assert!(access.admits(998, 998, never));
+        assert!(access.admits(1000, 997, never));
+        assert!(access.admits(1000, 1000, || vec![1000, 997]));
+        assert!(!access.admits(1000, 1000, || vec![1000, 27]));
+        let no_group = SocketAccess {
+            own_uid: 998,
+            group: None,
+        };
+        assert!(!no_group.admits(1000, 997, Vec::new));
     }
 }
