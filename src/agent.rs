@@ -1,25 +1,47 @@
 //! The agent's domain core: what this node has and what runs on it. The
 //! gRPC layer (`api`) only converts to and from it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio_util::sync::CancellationToken;
 
 use crate::error::Refusal;
-use crate::gpu::{self, DeviceUuid, GpuBackend, GpuError, HostInventory};
-use crate::inventory::{InventoryView, LinkView};
+use crate::events::EventKind;
+use crate::gpu::{
+    self, DeviceHealth, DeviceHealthTracker, DeviceTelemetry, DeviceUuid, GpuBackend, GpuError,
+    HealthChange, HealthEvent, HostInventory,
+};
+use crate::inventory::{DeviceView, Health, InventoryView, LinkView};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::session::manager::SessionManager;
 use crate::session::request::LaunchRequest;
 use crate::session::{Caller, Scope, SessionRecord};
 use crate::toml_file::FileError;
 
+/// How often the backend's health events are read.
+const HEALTH_POLL: Duration = Duration::from_secs(1);
+
+fn health_of(health: DeviceHealth) -> Health {
+    match health {
+        DeviceHealth::Healthy => Health::Healthy,
+        DeviceHealth::Unhealthy { .. } => Health::Unhealthy,
+        DeviceHealth::Lost => Health::Lost,
+    }
+}
+
 #[derive(Debug)]
 pub struct Agent {
     node_id: String,
+    gpus: Arc<dyn GpuBackend>,
     last_scan: RwLock<Scan>,
+    /// Devices made unhealthy by critical XIDs, or lost.
+    health: Mutex<DeviceHealthTracker>,
     sessions: Arc<SessionManager>,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +56,7 @@ impl Agent {
         node_id: String,
         gpus: Arc<dyn GpuBackend>,
         sessions: Arc<SessionManager>,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, GpuError> {
         let inventory = gpu::blocking(&gpus, |backend| backend.discover()).await?;
         tracing::info!(
@@ -44,14 +67,189 @@ impl Agent {
             driver = %inventory.driver_version,
             "discovered GPUs"
         );
+        let mut health = DeviceHealthTracker::new();
+        let now = Instant::now();
+        for lost in inventory.lost.iter().filter_map(|l| l.uuid.clone()) {
+            health.record(&HealthEvent::Lost { device: lost }, now);
+        }
         Ok(Self {
             node_id,
+            gpus,
             last_scan: RwLock::new(Scan {
                 inventory,
                 at: SystemTime::now(),
             }),
+            health: Mutex::new(health),
             sessions,
+            metrics,
         })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, DeviceHealthTracker> {
+        self.health.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Live readings of the GPUs; none when the backend cannot sample.
+    pub async fn telemetry(&self) -> Vec<DeviceTelemetry> {
+        match gpu::blocking(&self.gpus, |backend| backend.telemetry()).await {
+            Ok(readings) => readings,
+            Err(error) => {
+                tracing::debug!(error = %error, "no GPU telemetry");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Devices that may not take sessions: unhealthy or lost ones and the
+    /// MIG instances of such GPUs.
+    fn unhealthy_devices(&self) -> Vec<DeviceUuid> {
+        let health = self.health();
+        self.scan()
+            .inventory
+            .assignable()
+            .into_iter()
+            .filter(|d| !health.effective(&d.uuid, d.parent.as_ref()).is_healthy())
+            .map(|d| d.uuid)
+            .collect()
+    }
+
+    /// Takes the backend's health events and the recovery clock into the
+    /// device health, announcing each change.
+    pub async fn check_health(&self, recovery: Duration) {
+        let events = match gpu::blocking(&self.gpus, |backend| backend.health_events()).await {
+            Ok(events) => events,
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot read GPU health events");
+                Vec::new()
+            }
+        };
+        let now = Instant::now();
+        let mut changes = Vec::new();
+        {
+            let mut health = self.health();
+            for event in &events {
+                if let HealthEvent::Xid { device, xid } = event {
+                    self.metrics
+                        .xid_errors
+                        .get_or_create(&vec![
+                            ("uuid", device.to_string()),
+                            ("xid", xid.to_string()),
+                        ])
+                        .inc();
+                    tracing::warn!(device = %device, xid, application = gpu::is_application_xid(*xid), "XID error");
+                }
+                changes.extend(health.record(event, now));
+            }
+            changes.extend(health.tick(now, recovery));
+        }
+        for change in changes {
+            self.announce(change);
+        }
+    }
+
+    fn announce(&self, change: HealthChange) {
+        tracing::warn!(device = %change.device, from = change.from.as_str(), to = change.to.as_str(), cause = ?change.cause, "device health changed");
+        self.sessions.events().publish(
+            self.sessions.now(),
+            EventKind::DeviceHealthChanged {
+                device: change.device,
+                health: health_of(change.to),
+                cause: format!("{:?}", change.cause),
+            },
+        );
+    }
+
+    /// The operator's reset of a device's health.
+    pub fn reset_health(&self, device: &DeviceUuid) -> Result<(), Refusal> {
+        let known = self
+            .scan()
+            .inventory
+            .gpus
+            .iter()
+            .any(|g| &g.uuid == device || g.mig_instances.iter().any(|m| &m.uuid == device));
+        let change = self.health().reset(device);
+        if !known && change.is_none() {
+            return Err(Refusal::new(
+                crate::error::Reason::UnknownDevice,
+                format!("no device {device} on this node; GetInventory lists them"),
+            ));
+        }
+        if let Some(change) = change {
+            self.announce(change);
+        }
+        Ok(())
+    }
+
+    /// Scans the GPUs again (a MIG repartition shows without a restart);
+    /// devices that appeared or went are announced.
+    pub async fn rescan(&self) -> Result<(), GpuError> {
+        let inventory = gpu::blocking(&self.gpus, |backend| backend.discover()).await?;
+        let uuids = |inventory: &HostInventory| -> BTreeSet<DeviceUuid> {
+            inventory.assignable().into_iter().map(|d| d.uuid).collect()
+        };
+        let before = uuids(&self.scan().inventory);
+        let after = uuids(&inventory);
+        {
+            let now = Instant::now();
+            let mut health = self.health();
+            for lost in inventory.lost.iter().filter_map(|l| l.uuid.clone()) {
+                if let Some(change) = health.record(&HealthEvent::Lost { device: lost }, now) {
+                    drop(health);
+                    self.announce(change);
+                    health = self.health();
+                }
+            }
+        }
+        *self
+            .last_scan
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Scan {
+            inventory,
+            at: SystemTime::now(),
+        };
+        let added: Vec<DeviceUuid> = after.difference(&before).cloned().collect();
+        let removed: Vec<DeviceUuid> = before.difference(&after).cloned().collect();
+        if !added.is_empty() || !removed.is_empty() {
+            tracing::info!(
+                added = added.len(),
+                removed = removed.len(),
+                "inventory changed"
+            );
+            self.sessions.events().publish(
+                self.sessions.now(),
+                EventKind::InventoryChanged { added, removed },
+            );
+        }
+        Ok(())
+    }
+
+    /// Health every second, a rescan every `rescan`, until `shutdown`.
+    pub async fn watch_devices(
+        self: Arc<Self>,
+        rescan: Duration,
+        recovery: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut health_ticks = tokio::time::interval(HEALTH_POLL);
+        health_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rescans = tokio::time::interval(rescan);
+        rescans.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        rescans.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = health_ticks.tick() => self.check_health(recovery).await,
+                _ = rescans.tick() => {
+                    if let Err(error) = self.rescan().await {
+                        tracing::warn!(error = %error, "rescan failed; the last inventory stays");
+                    }
+                }
+            }
+        }
     }
 
     pub fn node_id(&self) -> &str {
@@ -67,7 +265,7 @@ impl Agent {
         // value; the scan in it is still whole.
         self.last_scan
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
@@ -76,8 +274,21 @@ impl Agent {
         let scan = self.scan();
         let mut view = InventoryView::from_scan(&self.node_id, &scan.inventory, scan.at);
         let busy: HashMap<_, _> = self.sessions.busy_devices().await?;
-        for device in &mut view.devices {
-            device.session_id = busy.get(&device.uuid).cloned();
+        {
+            let health = self.health();
+            for device in &mut view.devices {
+                device.session_id = busy.get(&device.uuid).cloned();
+                device.health =
+                    health_of(health.effective(&device.uuid, device.parent_uuid.as_ref()));
+            }
+        }
+        // A device held by a session but gone from the scan (a lost GPU, a
+        // repartition under a session) stays listed until the session ends.
+        let listed: HashSet<DeviceUuid> = view.devices.iter().map(|d| d.uuid.clone()).collect();
+        for (uuid, session) in busy {
+            if !listed.contains(&uuid) && !session.starts_with("unknown container") {
+                view.devices.push(DeviceView::vanished(uuid, session));
+            }
         }
         view.draining = self.sessions.is_draining();
         if let Some(link) = self.sessions.link_state() {
@@ -112,13 +323,20 @@ impl Agent {
                 .map(|p| p.subject.clone())
                 .unwrap_or_default(),
         };
+        let began = Instant::now();
         let result = match request.validate() {
             Ok(plan) => {
                 let devices = self.scan().inventory.assignable();
-                self.sessions.launch(plan, devices, Vec::new()).await
+                self.sessions
+                    .launch(plan, devices, self.unhealthy_devices())
+                    .await
             }
             Err(refusal) => Err(refusal),
         };
+        self.metrics.launch(
+            result.as_ref().map(|_| ()).map_err(|r| r.reason.as_str()),
+            began.elapsed(),
+        );
         if let Err(refusal) = &result {
             self.sessions
                 .launch_refused(&request_id, principal.as_ref(), &account_id, refusal)

@@ -561,8 +561,12 @@ fn print_usage(report: &proto::UsageReport, json: bool) -> anyhow::Result<()> {
         .iter()
         .map(|l| nanos(l.cost.as_ref()))
         .fold(0, i64::saturating_add);
-    let total_device: f64 = report.lines.iter().map(|l| l.device_seconds).sum();
-    let total_gpu: f64 = report.lines.iter().map(|l| l.gpu_seconds).sum();
+    // Folded from 0.0: an empty f64 sum is -0.0, which prints as "-0.000".
+    let total_device = report
+        .lines
+        .iter()
+        .fold(0.0, |sum, l| sum + l.device_seconds);
+    let total_gpu = report.lines.iter().fold(0.0, |sum, l| sum + l.gpu_seconds);
     let balance = nanos(report.balance.as_ref());
     if json {
         let lines: Vec<Value> = report

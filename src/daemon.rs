@@ -14,16 +14,17 @@ use tracing::Instrument as _;
 
 use crate::agent::Agent;
 use crate::api::server::{self, ApiError};
+use crate::clock::Clock as _;
 use crate::clock::SystemClock;
 use crate::config::{Config, Mode};
-use crate::error::Refusal;
-use crate::clock::Clock as _;
 use crate::control_plane::LinkState;
 use crate::control_plane::client::{ClientSetupError, GrpcControlPlane};
 use crate::control_plane::link::Link;
+use crate::error::Refusal;
 use crate::events::EventBus;
 use crate::gpu::{self, GpuError};
 use crate::ledger::{Ledger, LedgerError};
+use crate::metrics::{self, Metrics};
 use crate::policy::Policy;
 use crate::runtime::RuntimeError;
 use crate::runtime::docker::DockerRuntime;
@@ -55,6 +56,13 @@ pub enum DaemonError {
     /// The control plane's client cannot be set up from the config.
     #[error(transparent)]
     ControlPlane(#[from] ClientSetupError),
+    /// The metrics listener could not be bound.
+    #[error("cannot listen on metrics.listen {listen}: {source}")]
+    MetricsBind {
+        listen: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     /// The signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
@@ -75,7 +83,8 @@ impl DaemonError {
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     // Build: every part is opened or bound before anything is served.
     let backend = gpu::open(&config.gpu.source)?;
-    let ledger = Ledger::open(&config.state_dir)?;
+    let metrics = Arc::new(Metrics::new());
+    let ledger = Ledger::open(&config.state_dir)?.observed_by(metrics.ledger_write.clone());
     tracing::info!(path = %ledger.path().display(), "ledger open");
     let runtime = Arc::new(DockerRuntime::connect(&config.docker.socket).await?);
     // Control-plane mode: the client is prepared (TLS files read) now; it
@@ -110,8 +119,15 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .reconcile(true)
         .await
         .map_err(DaemonError::Reconcile)?;
-    let agent =
-        Arc::new(Agent::start(config.node_id.clone(), backend, Arc::clone(&sessions)).await?);
+    let agent = Arc::new(
+        Agent::start(
+            config.node_id.clone(),
+            backend,
+            Arc::clone(&sessions),
+            Arc::clone(&metrics),
+        )
+        .await?,
+    );
     let policy_file = match &config.mode {
         Mode::Standalone { policy_file } => policy_file.clone(),
         Mode::ControlPlane(_) => None,
@@ -124,6 +140,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ),
     }
     let api = server::bind(&config.api).await?;
+    let metrics_listener = metrics::bind(config.metrics_listen)
+        .await
+        .map_err(|source| DaemonError::MetricsBind {
+            listen: config.metrics_listen,
+            source,
+        })?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
@@ -132,6 +154,19 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     api.serve(Arc::clone(&agent), &shutdown, &tasks).await?;
+    tasks.spawn(
+        metrics::serve(metrics_listener, Arc::clone(&agent), shutdown.clone())
+            .instrument(tracing::info_span!("metrics")),
+    );
+    tasks.spawn(
+        Arc::clone(&agent)
+            .watch_devices(
+                config.gpu.rescan_interval,
+                config.health_recovery,
+                shutdown.clone(),
+            )
+            .instrument(tracing::info_span!("devices")),
+    );
     tasks.spawn(
         Arc::clone(&sessions)
             .follow_events(shutdown.clone())

@@ -10,6 +10,8 @@ use tokio::sync::broadcast;
 
 use crate::clock::UnixNanos;
 use crate::error::Reason;
+use crate::gpu::DeviceUuid;
+use crate::inventory::Health;
 use crate::metering::Credits;
 use crate::session::{EndReason, Principal, SessionId, SessionRecord};
 
@@ -47,6 +49,15 @@ pub enum EventKind {
         draining: bool,
         reason: String,
     },
+    DeviceHealthChanged {
+        device: DeviceUuid,
+        health: Health,
+        cause: String,
+    },
+    InventoryChanged {
+        added: Vec<DeviceUuid>,
+        removed: Vec<DeviceUuid>,
+    },
 }
 
 /// A billed account's balance and the sessions it pays for.
@@ -73,7 +84,9 @@ impl EventKind {
             Self::BalanceLow(notice) | Self::BalanceExhausted(notice) => {
                 vec![&notice.account_id]
             }
-            Self::DrainChanged { .. } => Vec::new(),
+            Self::DrainChanged { .. }
+            | Self::DeviceHealthChanged { .. }
+            | Self::InventoryChanged { .. } => Vec::new(),
         }
     }
 }

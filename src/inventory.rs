@@ -94,6 +94,36 @@ pub struct LinkView {
     pub outbox_backlog: u64,
 }
 
+impl DeviceView {
+    /// A device a session still holds but the last scan did not find.
+    pub fn vanished(uuid: DeviceUuid, session_id: String) -> Self {
+        let mig = uuid.as_str().starts_with("MIG-");
+        Self {
+            kind: if mig {
+                DeviceKind::Mig
+            } else {
+                DeviceKind::Gpu
+            },
+            uuid,
+            name: "(gone from the last scan)".into(),
+            class: String::new(),
+            memory_mib: 0,
+            index: 0,
+            pci_bus_id: None,
+            mig_mode: None,
+            parent_uuid: None,
+            mig_profile: None,
+            gpu_instance_id: None,
+            compute_instance_id: None,
+            compute_slices: 0,
+            gpu_compute_slices: 0,
+            health: Health::Lost,
+            assignable: false,
+            session_id: Some(session_id),
+        }
+    }
+}
+
 impl InventoryView {
     /// The view of a fresh scan: every device healthy and free.
     pub fn from_scan(node_id: &str, scan: &HostInventory, scanned_at: SystemTime) -> Self {

@@ -296,6 +296,8 @@ pub struct SessionFilter {
 pub struct Ledger {
     path: PathBuf,
     connection: Arc<Mutex<Connection>>,
+    /// Observes how long each transaction takes (commit and fsync included).
+    write_latency: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 const SCHEMA: &str = r#"
@@ -435,7 +437,17 @@ impl Ledger {
         Ok(Self {
             path,
             connection: Arc::new(Mutex::new(connection)),
+            write_latency: None,
         })
+    }
+
+    /// Observes every transaction's duration into `histogram`.
+    pub fn observed_by(
+        mut self,
+        histogram: prometheus_client::metrics::histogram::Histogram,
+    ) -> Self {
+        self.write_latency = Some(histogram);
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -453,9 +465,15 @@ impl Ledger {
     {
         let connection = Arc::clone(&self.connection);
         let path = self.path.clone();
+        let latency = self.write_latency.clone();
         tokio::task::spawn_blocking(move || {
             let mut connection = connection.lock().unwrap_or_else(PoisonError::into_inner);
-            work(&mut connection).map_err(|outcome| match outcome {
+            let began = std::time::Instant::now();
+            let result = work(&mut connection);
+            if let Some(latency) = &latency {
+                latency.observe(began.elapsed().as_secs_f64());
+            }
+            result.map_err(|outcome| match outcome {
                 Outcome::Sqlite(source) => CallError::Ledger(LedgerError::Sqlite { path, source }),
                 Outcome::Corrupt(text) => CallError::Ledger(LedgerError::Corrupt(text)),
                 Outcome::Other(other) => CallError::Other(other),
@@ -913,26 +931,28 @@ impl Ledger {
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             rows.into_iter()
-                .map(|(id, number, until, granted, action, reason, reported, released)| {
-                    let final_unit = match (action, reason) {
-                        (Some(action), Some(reason)) => Some((
-                            parsed("final unit action", &action, FinalUnitAction::parse)
-                                .map_err(Outcome::Corrupt)?,
-                            parsed("end reason", &reason, EndReason::parse)
-                                .map_err(Outcome::Corrupt)?,
-                        )),
-                        _ => None,
-                    };
-                    Ok(CreditState {
-                        session_id: SessionId(id),
-                        cc_request_number: u64::try_from(number).unwrap_or_default(),
-                        granted_until: UnixNanos(until),
-                        granted_ns: granted,
-                        final_unit,
-                        reported_until: reported.map(UnixNanos),
-                        released_at: released.map(UnixNanos),
-                    })
-                })
+                .map(
+                    |(id, number, until, granted, action, reason, reported, released)| {
+                        let final_unit = match (action, reason) {
+                            (Some(action), Some(reason)) => Some((
+                                parsed("final unit action", &action, FinalUnitAction::parse)
+                                    .map_err(Outcome::Corrupt)?,
+                                parsed("end reason", &reason, EndReason::parse)
+                                    .map_err(Outcome::Corrupt)?,
+                            )),
+                            _ => None,
+                        };
+                        Ok(CreditState {
+                            session_id: SessionId(id),
+                            cc_request_number: u64::try_from(number).unwrap_or_default(),
+                            granted_until: UnixNanos(until),
+                            granted_ns: granted,
+                            final_unit,
+                            reported_until: reported.map(UnixNanos),
+                            released_at: released.map(UnixNanos),
+                        })
+                    },
+                )
                 .collect()
         })
         .await
@@ -1062,6 +1082,49 @@ impl Ledger {
                 params![ended_before.0],
             )?;
             Ok(removed)
+        })
+        .await
+    }
+
+    /// Every usage record there is (compacted ones included), summed by
+    /// account, scope and billing path; `device_class` is empty.
+    pub async fn usage_totals(&self) -> Result<Vec<UsageTotal>, LedgerError> {
+        self.transaction(|tx| {
+            let mut statement = tx.prepare_cached(
+                "SELECT s.account_id, s.scope, s.billing_path, SUM(x.device_ms), SUM(x.gpu_seconds), SUM(x.cost_nano)
+                 FROM (SELECT session_id, device_ms, gpu_seconds, cost_nano FROM usage_records
+                       UNION ALL
+                       SELECT session_id, device_ms, gpu_seconds, cost_nano FROM session_totals) x
+                 JOIN sessions s ON s.id = x.session_id
+                 GROUP BY s.account_id, s.scope, s.billing_path
+                 ORDER BY s.account_id, s.scope, s.billing_path",
+            )?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get::<_, i64>(3)?,
+                        row.get::<_, f64>(4)?,
+                        row.get::<_, i64>(5)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(account_id, scope, path, device_ms, gpu_seconds, cost)| {
+                    Ok(UsageTotal {
+                        account_id,
+                        scope: parsed("scope", &scope, Scope::parse).map_err(Outcome::Corrupt)?,
+                        billing_path: parsed("billing path", &path, BillingPath::parse)
+                            .map_err(Outcome::Corrupt)?,
+                        device_class: String::new(),
+                        device_ms,
+                        gpu_seconds,
+                        cost: Credits(cost),
+                    })
+                })
+                .collect()
         })
         .await
     }

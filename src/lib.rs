@@ -17,6 +17,7 @@ pub mod inventory;
 pub mod ledger;
 pub mod logging;
 pub mod metering;
+pub mod metrics;
 pub mod policy;
 pub mod runtime;
 pub mod session;

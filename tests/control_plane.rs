@@ -312,7 +312,11 @@ async fn usage_is_delivered_exactly_once_through_outages_a_kill_before_the_ack_a
     let mut client = daemon.client().await;
     wait_linked(&mut client).await;
     let sessions = [
-        client.launch(launch("u-1", None)).await.unwrap().into_inner(),
+        client
+            .launch(launch("u-1", None))
+            .await
+            .unwrap()
+            .into_inner(),
         client
             .launch(launch("u-2", Some("acme")))
             .await
@@ -362,9 +366,7 @@ async fn usage_is_delivered_exactly_once_through_outages_a_kill_before_the_ack_a
     }
     let record = plane
         .wait_for("every second of both sessions", |r| {
-            totals
-                .iter()
-                .all(|(id, ms)| delivered_ms(r, id) == *ms)
+            totals.iter().all(|(id, ms)| delivered_ms(r, id) == *ms)
         })
         .await;
     // Some records did arrive more than once; each counts once.

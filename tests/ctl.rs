@@ -288,6 +288,23 @@ async fn launch_list_stop_and_usage_of_sessions() {
     );
     assert_eq!(empty["lines"].as_array().unwrap().len(), 0, "{empty}");
     assert_eq!(empty["from"], "2000-01-01T00:00:00.000Z");
+    let table = ok(
+        &daemon,
+        &[
+            "usage",
+            "u-alice",
+            "--from",
+            "2000-01-01",
+            "--to",
+            "2000-01-02",
+        ],
+    );
+    let total = table.lines().find(|l| l.starts_with("total")).unwrap();
+    assert_eq!(
+        total.split_whitespace().collect::<Vec<_>>(),
+        ["total", "0.000", "0.000", "0.000000"],
+        "no -0.000 in an empty period: {table}"
+    );
 
     // A bad time is the command line's fault: clap's usage error, exit 2.
     let out = ctl(&daemon, &["usage", "u-alice", "--from", "last tuesday"]);

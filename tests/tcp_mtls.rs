@@ -7,9 +7,9 @@
 mod common;
 
 use common::Daemon;
+use common::tls::{Ca, free_port, write};
 use gpuwarden::proto;
 use gpuwarden::proto::node_agent_client::NodeAgentClient;
-use common::tls::{Ca, free_port, write};
 use rcgen::ExtendedKeyUsagePurpose;
 use tonic::transport::{self, Channel, ClientTlsConfig, Identity};
 

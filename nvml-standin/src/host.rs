@@ -68,8 +68,15 @@ fn decode_event_set(handle: nvmlEventSet_t) -> Answer<usize> {
 /// What a handle names.
 #[derive(Debug, Clone, Copy)]
 pub enum Target<'a> {
-    Gpu { position: usize, gpu: &'a Gpu },
-    Mig { position: usize, gpu: &'a Gpu, mig: &'a Mig },
+    Gpu {
+        position: usize,
+        gpu: &'a Gpu,
+    },
+    Mig {
+        position: usize,
+        gpu: &'a Gpu,
+        mig: &'a Mig,
+    },
 }
 
 impl<'a> Target<'a> {
@@ -235,23 +242,27 @@ impl State {
 
     /// The handle of the GPU or MIG device with this UUID.
     pub fn find_uuid(&self, uuid: &str) -> Option<Answer<nvmlDevice_t>> {
-        self.host.gpus.iter().enumerate().find_map(|(position, gpu)| {
-            let found = if gpu.uuid == uuid {
-                Some(None)
-            } else {
-                gpu.mig_instances
-                    .iter()
-                    .position(|mig| mig.uuid == uuid)
-                    .map(Some)
-            };
-            found.map(|slot| {
-                if self.is_lost(gpu) {
-                    Err(GPU_IS_LOST)
+        self.host
+            .gpus
+            .iter()
+            .enumerate()
+            .find_map(|(position, gpu)| {
+                let found = if gpu.uuid == uuid {
+                    Some(None)
                 } else {
-                    Ok(device_handle(position, slot))
-                }
+                    gpu.mig_instances
+                        .iter()
+                        .position(|mig| mig.uuid == uuid)
+                        .map(Some)
+                };
+                found.map(|slot| {
+                    if self.is_lost(gpu) {
+                        Err(GPU_IS_LOST)
+                    } else {
+                        Ok(device_handle(position, slot))
+                    }
+                })
             })
-        })
     }
 
     pub fn create_event_set(&mut self) -> Answer<nvmlEventSet_t> {
@@ -271,7 +282,12 @@ impl State {
         Ok(event_set_handle(id))
     }
 
-    pub fn register(&mut self, device: nvmlDevice_t, types: u64, set: nvmlEventSet_t) -> Answer<()> {
+    pub fn register(
+        &mut self,
+        device: nvmlDevice_t,
+        types: u64,
+        set: nvmlEventSet_t,
+    ) -> Answer<()> {
         let id = decode_event_set(set)?;
         let (position, _) = self.device(device)?.full_gpu()?;
         if types & !SUPPORTED_EVENTS != 0 {

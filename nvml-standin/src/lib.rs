@@ -41,17 +41,17 @@ use std::time::{Duration, Instant};
 
 use nvml_wrapper_sys::bindings::{
     NVML_DEVICE_MIG_DISABLE, NVML_DEVICE_MIG_ENABLE, NVML_INIT_FLAG_NO_ATTACH,
-    NVML_INIT_FLAG_NO_GPUS, nvmlDevice_t, nvmlDeviceAttributes_t, nvmlEventData_t,
-    nvmlEventSet_t, nvmlEventTypeXidCriticalError, nvmlMemory_t, nvmlMemory_v2_t, nvmlPciInfo_t,
+    NVML_INIT_FLAG_NO_GPUS, nvmlDevice_t, nvmlDeviceAttributes_t, nvmlEventData_t, nvmlEventSet_t,
+    nvmlEventTypeXidCriticalError, nvmlMemory_t, nvmlMemory_v2_t, nvmlPciInfo_t,
     nvmlReturn_enum_NVML_ERROR_ARGUMENT_VERSION_MISMATCH as ARGUMENT_VERSION_MISMATCH,
     nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_SIZE as INSUFFICIENT_SIZE,
     nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT as INVALID_ARGUMENT,
     nvmlReturn_enum_NVML_ERROR_NOT_FOUND as NOT_FOUND,
     nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED as NOT_SUPPORTED,
-    nvmlReturn_enum_NVML_ERROR_TIMEOUT as TIMEOUT,
-    nvmlReturn_enum_NVML_ERROR_UNKNOWN as UNKNOWN, nvmlReturn_enum_NVML_SUCCESS as SUCCESS,
-    nvmlReturn_t, nvmlTemperatureSensors_enum_NVML_TEMPERATURE_GPU as TEMPERATURE_GPU,
-    nvmlTemperatureSensors_t, nvmlUtilization_t,
+    nvmlReturn_enum_NVML_ERROR_TIMEOUT as TIMEOUT, nvmlReturn_enum_NVML_ERROR_UNKNOWN as UNKNOWN,
+    nvmlReturn_enum_NVML_SUCCESS as SUCCESS, nvmlReturn_t,
+    nvmlTemperatureSensors_enum_NVML_TEMPERATURE_GPU as TEMPERATURE_GPU, nvmlTemperatureSensors_t,
+    nvmlUtilization_t,
 };
 
 use crate::fixture::{
@@ -311,7 +311,10 @@ fn property<T>(device: nvmlDevice_t, read: impl FnOnce(Target<'_>) -> Answer<T>)
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetIndex(device: nvmlDevice_t, index: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetIndex(
+    device: nvmlDevice_t,
+    index: *mut c_uint,
+) -> nvmlReturn_t {
     let position = property(device, |target| count_u32(target.full_gpu()?.0));
     // SAFETY: nvml.h: `index` points to an unsigned int.
     status(position.and_then(|position| unsafe { put(index, position) }))
@@ -501,7 +504,11 @@ pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(
 ) -> nvmlReturn_t {
     let max = property(device, |target| {
         let (_, gpu) = target.full_gpu().map_err(|_| INVALID_ARGUMENT)?;
-        Ok(if gpu.mig_mode { gpu.compute_slices() } else { 0 })
+        Ok(if gpu.mig_mode {
+            gpu.compute_slices()
+        } else {
+            0
+        })
     });
     // SAFETY: nvml.h: `count` points to an unsigned int.
     status(max.and_then(|max| unsafe { put(count, max) }))
@@ -517,7 +524,11 @@ pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
 ) -> nvmlReturn_t {
     let handle = property(device, |target| {
         let (position, gpu) = target.full_gpu().map_err(|_| INVALID_ARGUMENT)?;
-        let max = if gpu.mig_mode { gpu.compute_slices() } else { 0 };
+        let max = if gpu.mig_mode {
+            gpu.compute_slices()
+        } else {
+            0
+        };
         if index >= max {
             return Err(INVALID_ARGUMENT);
         }

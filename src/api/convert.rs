@@ -96,12 +96,15 @@ impl From<&InventoryView> for proto::Inventory {
             scanned_at: Some(timestamp(view.scanned_at)),
             devices: view.devices.iter().map(proto::Device::from).collect(),
             draining: view.draining,
-            control_plane: view.control_plane.as_ref().map(|link| proto::ControlPlaneLink {
-                up: link.up,
-                since: Some(timestamp(link.since)),
-                policy_version: link.policy_version,
-                outbox_backlog: link.outbox_backlog,
-            }),
+            control_plane: view
+                .control_plane
+                .as_ref()
+                .map(|link| proto::ControlPlaneLink {
+                    up: link.up,
+                    since: Some(timestamp(link.since)),
+                    policy_version: link.policy_version,
+                    outbox_backlog: link.outbox_backlog,
+                }),
         }
     }
 }
@@ -440,6 +443,24 @@ pub fn event(event: &Event, now: UnixNanos) -> proto::Event {
             draining: *draining,
             reason: reason.clone(),
         }),
+        EventKind::DeviceHealthChanged {
+            device,
+            health,
+            cause,
+        } => Kind::DeviceHealthChanged(proto::DeviceHealthChanged {
+            device_uuid: device.to_string(),
+            health: Some(proto::HealthStatus {
+                state: health_to_proto(*health).into(),
+                reason: cause.clone(),
+                ..Default::default()
+            }),
+        }),
+        EventKind::InventoryChanged { added, removed } => {
+            Kind::InventoryChanged(proto::InventoryChanged {
+                added_uuids: added.iter().map(ToString::to_string).collect(),
+                removed_uuids: removed.iter().map(ToString::to_string).collect(),
+            })
+        }
     };
     proto::Event {
         sequence: event.sequence,

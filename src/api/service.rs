@@ -76,6 +76,43 @@ impl NodeAgent for NodeAgentService {
         Ok(Response::new((&view).into()))
     }
 
+    async fn rescan_inventory(
+        &self,
+        request: Request<proto::RescanInventoryRequest>,
+    ) -> Result<Response<proto::Inventory>, Status> {
+        let caller = caller(&request, None)?;
+        operator_only(&caller, "RescanInventory")?;
+        self.agent.rescan().await.map_err(|error| {
+            Status::from(Refusal::new(
+                Reason::DeviceUnhealthy,
+                format!(
+                    "the rescan failed, the last inventory stays: {}",
+                    crate::error::chain(&error)
+                ),
+            ))
+        })?;
+        let view = self.agent.inventory().await?;
+        Ok(Response::new((&view).into()))
+    }
+
+    async fn reset_device_health(
+        &self,
+        request: Request<proto::ResetDeviceHealthRequest>,
+    ) -> Result<Response<proto::Device>, Status> {
+        let caller = caller(&request, None)?;
+        operator_only(&caller, "ResetDeviceHealth")?;
+        let uuid = crate::gpu::DeviceUuid::new(request.into_inner().device_uuid);
+        self.agent.reset_health(&uuid)?;
+        let view = self.agent.inventory().await?;
+        let device = view
+            .devices
+            .iter()
+            .find(|d| d.uuid == uuid)
+            .map(proto::Device::from)
+            .unwrap_or_default();
+        Ok(Response::new(device))
+    }
+
     async fn launch(
         &self,
         request: Request<proto::LaunchRequest>,

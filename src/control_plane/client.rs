@@ -26,7 +26,9 @@ pub enum ClientSetupError {
         #[source]
         source: std::io::Error,
     },
-    #[error("control_plane.endpoint `{endpoint}` with its TLS files does not make a client: {source}")]
+    #[error(
+        "control_plane.endpoint `{endpoint}` with its TLS files does not make a client: {source}"
+    )]
     Endpoint {
         endpoint: String,
         #[source]

@@ -32,10 +32,7 @@ pub struct Granted {
 
 /// Reads a Credit-Control-Answer received at `now`: a grant, or the
 /// refusal the caller gets (its reason is the control plane's).
-pub fn read_answer(
-    answer: proto::CreditControlAnswer,
-    now: UnixNanos,
-) -> Result<Granted, Refusal> {
+pub fn read_answer(answer: proto::CreditControlAnswer, now: UnixNanos) -> Result<Granted, Refusal> {
     match proto::CreditControlResult::try_from(answer.result) {
         Ok(proto::CreditControlResult::Success) => {}
         Ok(proto::CreditControlResult::Denied) => {

@@ -160,7 +160,10 @@ impl Link {
     fn apply_policy(&self, update: proto::PolicyUpdate) {
         let version = update.version;
         let Some(snapshot) = update.policy else {
-            tracing::warn!(version, "policy update without a policy; the one in force stays");
+            tracing::warn!(
+                version,
+                "policy update without a policy; the one in force stays"
+            );
             return;
         };
         match policy::from_snapshot(version, snapshot, Some(&self.agent.device_uuids())) {
@@ -242,7 +245,13 @@ impl Link {
                     now.0
                         .saturating_sub(i64::try_from(USAGE_RETENTION.as_nanos()).unwrap_or(0)),
                 );
-                match self.agent.sessions().ledger().compact_delivered(before).await {
+                match self
+                    .agent
+                    .sessions()
+                    .ledger()
+                    .compact_delivered(before)
+                    .await
+                {
                     Ok(0) => {}
                     Ok(removed) => tracing::info!(removed, "compacted delivered usage records"),
                     Err(error) => tracing::warn!(error = %error, "compacting usage records failed"),

@@ -69,7 +69,8 @@ fn document(origin: &Path, snapshot: proto::Policy) -> Result<PolicyFile, FileEr
         .enforcement
         .map(|e| EnforcementFile {
             min_balance_seconds: Some(u64::from(e.min_balance_seconds)),
-            on_balance_exhausted: match proto::OnBalanceExhausted::try_from(e.on_balance_exhausted) {
+            on_balance_exhausted: match proto::OnBalanceExhausted::try_from(e.on_balance_exhausted)
+            {
                 Ok(proto::OnBalanceExhausted::Continue) => Some(OnBalanceExhausted::Continue),
                 Ok(proto::OnBalanceExhausted::Stop) => Some(OnBalanceExhausted::Stop),
                 _ => None,
@@ -80,7 +81,11 @@ fn document(origin: &Path, snapshot: proto::Policy) -> Result<PolicyFile, FileEr
     let mut users = Vec::with_capacity(snapshot.users.len());
     for (index, user) in snapshot.users.into_iter().enumerate() {
         let plan = plan(origin, format!("users[{index}].plan"), &user.plan)?.ok_or_else(|| {
-            FileError::invalid(origin, format!("users[{index}].plan"), "a user needs a plan")
+            FileError::invalid(
+                origin,
+                format!("users[{index}].plan"),
+                "a user needs a plan",
+            )
         })?;
         users.push(UserFile {
             id: user.id,

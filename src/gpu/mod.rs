@@ -23,6 +23,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::GpuSource;
 
+pub use health::{
+    DeviceHealth, DeviceHealthTracker, HealthCause, HealthChange, HealthEvent, is_application_xid,
+};
+
 /// A GPU or MIG device UUID as NVML reports it (`GPU-…`, `MIG-…`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -248,10 +252,6 @@ pub trait GpuBackend: Send + Sync + fmt::Debug + 'static {
     /// events.
     fn health_events(&self) -> Result<Vec<HealthEvent>, GpuError>;
 }
-
-pub use health::{
-    DeviceHealth, DeviceHealthTracker, HealthCause, HealthChange, HealthEvent, is_application_xid,
-};
 
 /// What a backend remembers between calls so that both backends report lost
 /// GPUs alike: the UUID it last saw at each index, and which GPUs it has

@@ -186,8 +186,8 @@ impl NvmlBackend {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether the GPU at `index` (last seen as `uuid`) has fallen off the
-    /// bus.
+    /// Whether the GPU at `index` has fallen off the bus: NVML answers
+    /// GPU_IS_LOST for its handle or its UUID.
     fn gpu_is_lost(&self, index: u32) -> Result<bool, GpuError> {
         let at = || Some(format!("index {index}"));
         let device = match self.nvml.device_by_index(index) {

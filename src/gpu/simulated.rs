@@ -771,7 +771,7 @@ mod tests {
         let lost = HealthEvent::Lost {
             device: DeviceUuid::new(GPU1),
         };
-        assert_eq!(host.health_events().unwrap(), [lost.clone()]);
+        assert_eq!(host.health_events().unwrap(), std::slice::from_ref(&lost));
         assert!(host.health_events().unwrap().is_empty());
 
         // Back on the bus (after a reset), then lost again.

@@ -59,6 +59,12 @@ impl Daemon {
 
     /// `start`, with these variables in the daemon's environment.
     pub fn start_with_env(fixture_name: &str, extra: &str, env: &[(&str, &str)]) -> Self {
+        // Tests run side by side: metrics on a port of their own.
+        let extra = if extra.contains("[metrics]") {
+            extra.to_owned()
+        } else {
+            format!("{extra}\n[metrics]\nlisten = \"127.0.0.1:0\"\n")
+        };
         let extra = if extra.contains("[policy]") || extra.contains("[control_plane]") {
             extra.to_owned()
         } else {

@@ -8,12 +8,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::{Stream, StreamExt as _};
 use gpuwarden::proto;
 use gpuwarden::proto::control_plane_server::{ControlPlane, ControlPlaneServer};
 use rcgen::ExtendedKeyUsagePurpose;
 use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::{TcpListenerStream, WatchStream};
-use futures_util::{Stream, StreamExt as _};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
@@ -227,7 +227,12 @@ impl Service {
         change(&mut self.0.record.lock().unwrap());
     }
 
-    fn answer(&self, session_id: String, org_id: &str, switches: &Switches) -> proto::CreditControlAnswer {
+    fn answer(
+        &self,
+        session_id: String,
+        org_id: &str,
+        switches: &Switches,
+    ) -> proto::CreditControlAnswer {
         let billed = switches
             .billed_account
             .clone()
@@ -249,7 +254,8 @@ impl Service {
     }
 }
 
-type PolicyStream = std::pin::Pin<Box<dyn Stream<Item = Result<proto::PolicyUpdate, Status>> + Send>>;
+type PolicyStream =
+    std::pin::Pin<Box<dyn Stream<Item = Result<proto::PolicyUpdate, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl ControlPlane for Service {
@@ -315,7 +321,11 @@ impl ControlPlane for Service {
         } else {
             request.org_id.clone()
         };
-        Ok(Response::new(self.answer(request.session_id, &account, &switches)))
+        Ok(Response::new(self.answer(
+            request.session_id,
+            &account,
+            &switches,
+        )))
     }
 
     async fn extend_grant(
@@ -334,7 +344,11 @@ impl ControlPlane for Service {
                 ..Default::default()
             }));
         }
-        Ok(Response::new(self.answer(request.session_id, "", &switches)))
+        Ok(Response::new(self.answer(
+            request.session_id,
+            "",
+            &switches,
+        )))
     }
 
     async fn release_session(

@@ -47,4 +47,3 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
-

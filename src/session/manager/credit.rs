@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{DEFAULT_STOP_GRACE, SessionManager};
+use crate::api::convert;
 use crate::clock::UnixNanos;
 use crate::control_plane::credit::{self, REQUESTED_SERVICE};
 use crate::control_plane::{ControlPlane, LinkError, LinkState};
@@ -22,7 +23,6 @@ use crate::error::{Reason, Refusal};
 use crate::ledger::{Actor, CreditState};
 use crate::policy::OnBalanceExhausted;
 use crate::proto;
-use crate::api::convert;
 use crate::session::{EndReason, Scope, SessionRecord, SessionState};
 
 /// What the session manager needs of the control plane.
@@ -181,7 +181,9 @@ impl SessionManager {
             match credit.plane.extend_grant(request).await {
                 Ok(answer) => {
                     let next = match credit::read_answer(answer, now) {
-                        Ok(granted) => credit::state_after(&session.id, number, &granted, Some(now)),
+                        Ok(granted) => {
+                            credit::state_after(&session.id, number, &granted, Some(now))
+                        }
                         Err(refusal) => {
                             let reason = match refusal.reason {
                                 Reason::BalanceExhausted => EndReason::BalanceExhausted,
@@ -243,7 +245,9 @@ impl SessionManager {
             session_id: session.id.0.clone(),
             cc_request_number: state.cc_request_number + 1,
             used,
-            end_reason: convert::end_reason_to_proto(Some(session.end_reason.unwrap_or(EndReason::Stopped))),
+            end_reason: convert::end_reason_to_proto(Some(
+                session.end_reason.unwrap_or(EndReason::Stopped),
+            )),
             ended_at: ended_at.map(UnixNanos::to_timestamp),
         };
         match credit.plane.release_session(request).await {
