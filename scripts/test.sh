@@ -43,16 +43,8 @@ if command -v dockerd >/dev/null && ! docker_up; then
   fi
 fi
 
-if docker_up && ! docker image inspect "$TEST_IMAGE" >/dev/null 2>&1; then
-  log "importing $TEST_IMAGE from busybox-static"
-  rootfs=$(mktemp -d)
-  trap 'rm -rf "$rootfs"' EXIT
-  mkdir -p "$rootfs/bin"
-  cp /bin/busybox "$rootfs/bin/busybox"
-  for applet in $(/bin/busybox --list); do
-    [ "$applet" = busybox ] || ln -s busybox "$rootfs/bin/$applet"
-  done
-  tar -C "$rootfs" -c . | docker import -c 'CMD ["/bin/sh"]' - "$TEST_IMAGE" >/dev/null
+if docker_up; then
+  scripts/busybox-image.sh "$TEST_IMAGE"
 fi
 export GPUWARDEN_TEST_IMAGE="$TEST_IMAGE"
 

@@ -291,7 +291,7 @@ pub fn session(record: &SessionRecord, now: UnixNanos) -> proto::Session {
         ended_at: nanos_timestamp(record.ended_at),
         device_seconds,
         gpu_seconds,
-        cost: credits(record.recorded.cost),
+        cost: credits(record.cost_until(now)),
         billing_path: billing_path_to_proto(record.billing_path),
         end_reason: end_reason_to_proto(record.end_reason),
         end_detail: record.end_detail.clone(),

@@ -175,6 +175,21 @@ impl SessionRecord {
             .sum();
         (device_seconds, gpu_seconds)
     }
+
+    /// The cost so far: what the usage records hold, and while the session
+    /// runs, what the next cut will add up to `now` (the same arithmetic).
+    pub fn cost_until(&self, now: UnixNanos) -> Credits {
+        let pending = match (self.state, self.metered_until) {
+            (SessionState::Running | SessionState::Stopping, Some(from)) if now > from => {
+                crate::metering::cut(&self.devices, from, now)
+                    .iter()
+                    .map(|cut| cut.cost)
+                    .sum()
+            }
+            _ => Credits::ZERO,
+        };
+        self.recorded.cost + pending
+    }
 }
 
 #[cfg(test)]
