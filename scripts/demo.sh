@@ -11,12 +11,15 @@ cd "$(dirname "$0")/.."
 say() { printf '\n\033[1m### %s\033[0m\n' "$*"; }
 run() { printf '$ gpuwarden %s\n' "$*"; "$BIN" "$@"; }
 
-BIN=target/release/gpuwarden
+# GPUWARDEN_BIN: a binary already built (skips the release build).
+BIN=${GPUWARDEN_BIN:-target/release/gpuwarden}
 SOCKET=target/sim/gpuwarden.sock
 IMAGE=gpuwarden-test/busybox:latest
 
-say "building the release binary"
-cargo build --release --locked --quiet
+if [ -z "${GPUWARDEN_BIN:-}" ]; then
+  say "building the release binary"
+  cargo build --release --locked --quiet
+fi
 scripts/busybox-image.sh "$IMAGE"
 
 # A fresh state each time, so the figures below are this run's.
