@@ -6,7 +6,7 @@
 //! or vanished at Docker's own times, cuts checkpoint usage, and reports
 //! containers it does not know.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
@@ -72,6 +72,10 @@ pub struct SessionManager {
     /// Stops the agent itself decided (a balance ran out, a reservation
     /// window opened), due at the end of their grace period.
     scheduled: Mutex<HashMap<SessionId, ScheduledStop>>,
+    /// Sessions whose stop this process is carrying out. A STOPPING
+    /// session not in here whose container runs had its stop cut short (the
+    /// agent died, the engine was away): the next reconcile carries it out.
+    stops_in_flight: Arc<Mutex<HashSet<SessionId>>>,
     /// Billed accounts already told they are low or out, so each change is
     /// announced once.
     balance_notices: Mutex<HashMap<String, BalanceState>>,
@@ -125,6 +129,7 @@ impl SessionManager {
             policy: RwLock::new(policy),
             events,
             scheduled: Mutex::new(HashMap::new()),
+            stops_in_flight: Arc::default(),
             balance_notices: Mutex::new(HashMap::new()),
             credit: None,
         }
@@ -770,21 +775,32 @@ impl SessionManager {
             }
             SessionState::Running | SessionState::Stopping => {}
         }
-        self.ledger.mark_stopping(id, reason).await?;
+        let container = session.container_id.clone().map(ContainerId);
+        // Until Docker answers, a reconcile leaves this stop to us.
+        self.claim_stop(id);
+        let stopped = async {
+            self.ledger.mark_stopping(id, reason).await?;
+            if let Some(container) = &container {
+                self.runtime
+                    .stop(container, grace)
+                    .await
+                    .or_else(|error| match error {
+                        RuntimeError::NoSuchContainer(_) => Ok(()),
+                        other => Err(engine(other)),
+                    })?;
+            }
+            Ok::<_, Refusal>(())
+        }
+        .await;
+        release_stop(&self.stops_in_flight, id);
+        stopped?;
         let mut finished_at = None;
         let mut detail = format!("stopped by {actor}");
-        if let Some(container) = session.container_id.clone().map(ContainerId) {
-            self.runtime
-                .stop(&container, grace)
-                .await
-                .or_else(|error| match error {
-                    RuntimeError::NoSuchContainer(_) => Ok(()),
-                    other => Err(engine(other)),
-                })?;
-            if let Some(state) = self.runtime.inspect(&container).await.map_err(engine)? {
-                finished_at = state.finished_at;
-                detail = format!("{detail}; {}", exit_detail(&state));
-            }
+        if let Some(container) = container
+            && let Some(state) = self.runtime.inspect(&container).await.map_err(engine)?
+        {
+            finished_at = state.finished_at;
+            detail = format!("{detail}; {}", exit_detail(&state));
         }
         self.audit(AuditRecord {
             at: self.clock.now(),
@@ -809,6 +825,15 @@ impl SessionManager {
                 .await?
                 .ok_or_else(|| unknown_session(id)),
         }
+    }
+
+    /// Marks a session's stop as carried out by this process; false when it
+    /// already is.
+    fn claim_stop(&self, id: &SessionId) -> bool {
+        self.stops_in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.clone())
     }
 
     /// Ends a session in the ledger and announces it; ending an ended
@@ -871,7 +896,16 @@ impl SessionManager {
             .get(id)
             .await?
             .is_some_and(|session| session.state != SessionState::Ended);
-        if !open {
+        if open {
+            return Ok(());
+        }
+        // A container known to have exited claims nothing: one that ran for
+        // an instant, its session closed by its launch before this event.
+        let exited = matches!(
+            self.runtime.inspect(&event.id).await,
+            Ok(Some(state)) if !state.running
+        );
+        if !exited {
             let mut foreign = self.foreign.lock().unwrap_or_else(PoisonError::into_inner);
             let seen_before = foreign.values().any(|holder| *holder == event.id);
             withhold_devices(&mut foreign, &event.id, &event.labels, &id.0, seen_before);
@@ -957,7 +991,18 @@ impl SessionManager {
             self.settle(&session, container, now, at_start).await?;
             by_session.remove(&session.id.0);
         }
-        self.report_unknown(by_session.into_values().collect());
+        // The list is older than the ledger's view: a session that ended in
+        // between (a stop, an exit) left its container in it as running.
+        // Unknown are only those that still run now.
+        let mut unknown = Vec::new();
+        for container in by_session.into_values().filter(|c| c.running) {
+            match self.runtime.inspect(&container.id).await {
+                Ok(Some(state)) if state.running => unknown.push(state),
+                Ok(_) => {}
+                Err(_) => unknown.push(container),
+            }
+        }
+        self.report_unknown(unknown);
         Ok(())
     }
 
@@ -1025,7 +1070,35 @@ impl SessionManager {
         match container {
             Some(state) if state.running => {
                 self.ledger.checkpoint(id, now).await?;
-                if at_start {
+                if session.state == SessionState::Stopping && self.claim_stop(id) {
+                    // A stop recorded but that Docker never carried out: the
+                    // agent died first, or the engine was away. Carried out
+                    // now, in the background so that a start does not wait
+                    // out the grace; Docker's die event (or the next
+                    // reconcile) closes the session with the stop's reason.
+                    let reason = session.end_reason.unwrap_or(EndReason::Stopped);
+                    tracing::info!(session = %id, container = %state.id, reason = %reason, "resuming a stop cut short");
+                    self.audit(AuditRecord {
+                        at: now,
+                        action: AuditAction::Stop,
+                        actor: Actor::Agent,
+                        account_id: session.account_id.clone(),
+                        session_id: id.0.clone(),
+                        reason: reason.as_str().to_owned(),
+                        detail: "resumed a stop cut short by an agent restart or an engine outage"
+                            .into(),
+                    })
+                    .await;
+                    let (runtime, in_flight) =
+                        (Arc::clone(&self.runtime), Arc::clone(&self.stops_in_flight));
+                    let (container, id) = (state.id.clone(), id.clone());
+                    tokio::spawn(async move {
+                        if let Err(error) = runtime.stop(&container, DEFAULT_STOP_GRACE).await {
+                            tracing::warn!(session = %id, container = %container, error = %error, "could not resume a stop; the next reconcile retries");
+                        }
+                        release_stop(&in_flight, &id);
+                    });
+                } else if at_start {
                     tracing::info!(session = %id, container = %state.id, "adopted a running container");
                 }
             }
@@ -1133,6 +1206,14 @@ impl SessionManager {
             }
         }
     }
+}
+
+/// The stop of `id` is no longer under way in this process.
+fn release_stop(in_flight: &Mutex<HashSet<SessionId>>, id: &SessionId) {
+    in_flight
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(id);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1930,6 +2011,184 @@ mod tests {
         assert!(
             refusal.is_ok(),
             "the owner of acme is owner of acme-vision: {refusal:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stop_that_never_reached_the_engine_is_carried_out_by_the_next_reconcile() {
+        let s = setup(DeviceInjection::Env);
+        let session = s
+            .manager
+            .launch(plan("r1", None), s.devices.clone(), Vec::new())
+            .await
+            .unwrap();
+        s.runtime.advance(Duration::from_secs(5));
+        s.runtime.fail_next(
+            FakeCallKind::Stop,
+            RuntimeError::Unreachable {
+                socket: "fake".into(),
+                detail: "the engine is away".into(),
+            },
+        );
+        let refusal = s
+            .manager
+            .stop(&OPERATOR, &session.id, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert_eq!(refusal.reason, Reason::ContainerEngineUnavailable);
+        let stopping = s.manager.get(&OPERATOR, &session.id).await.unwrap();
+        assert_eq!(stopping.state, SessionState::Stopping);
+        // The engine is back: the reconcile carries the stop out (in the
+        // background), the next one closes the session with its reason.
+        s.runtime.advance(Duration::from_secs(5));
+        let container = ContainerId(session.container_id.clone().unwrap());
+        for _ in 0..100 {
+            s.manager.reconcile(false).await.unwrap();
+            if s.manager.get(&OPERATOR, &session.id).await.unwrap().state == SessionState::Ended {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let ended = s.manager.get(&OPERATOR, &session.id).await.unwrap();
+        assert_eq!(ended.state, SessionState::Ended);
+        assert_eq!(ended.end_reason, Some(EndReason::Stopped));
+        assert_eq!(ended.recorded.device_ms, 10_000);
+        let stops = s
+            .runtime
+            .calls()
+            .into_iter()
+            .filter(|call| *call == FakeCall::Stop(container.clone()))
+            .count();
+        assert_eq!(stops, 2, "the failed stop and the one carried out");
+    }
+
+    #[tokio::test]
+    async fn the_late_start_event_of_a_container_that_already_exited_withholds_nothing() {
+        let s = setup(DeviceInjection::Env);
+        let session = s
+            .manager
+            .launch(plan("r1", None), s.devices.clone(), Vec::new())
+            .await
+            .unwrap();
+        let container = ContainerId(session.container_id.clone().unwrap());
+        s.runtime.advance(Duration::from_secs(1));
+        assert!(s.runtime.exit(&container, 0, s.runtime.now()));
+        s.manager.reconcile(false).await.unwrap();
+        s.manager
+            .on_event(ContainerEvent {
+                id: container.clone(),
+                kind: ContainerEventKind::Start,
+                at: s.runtime.now(),
+                labels: s.runtime.spec(&container).unwrap().labels,
+            })
+            .await;
+        assert!(s.manager.busy_devices().await.unwrap().is_empty());
+    }
+
+    /// The fake engine, except that a session is stopped (its container
+    /// exits, the ledger closes it) between a reconcile's list of
+    /// containers and its read of the ledger, as a concurrent Stop can.
+    #[derive(Debug)]
+    struct StopDuringList {
+        fake: Arc<FakeRuntime>,
+        ledger: Ledger,
+        victim: Mutex<Option<(SessionId, ContainerId)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl ContainerRuntime for StopDuringList {
+        async fn ensure_volume(
+            &self,
+            name: &str,
+            labels: &BTreeMap<String, String>,
+        ) -> Result<(), RuntimeError> {
+            self.fake.ensure_volume(name, labels).await
+        }
+        async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, RuntimeError> {
+            self.fake.create(spec).await
+        }
+        async fn start(&self, id: &ContainerId) -> Result<(), RuntimeError> {
+            self.fake.start(id).await
+        }
+        async fn inspect(&self, id: &ContainerId) -> Result<Option<ContainerState>, RuntimeError> {
+            self.fake.inspect(id).await
+        }
+        async fn stop(&self, id: &ContainerId, grace: Duration) -> Result<(), RuntimeError> {
+            self.fake.stop(id, grace).await
+        }
+        async fn remove(&self, id: &ContainerId) -> Result<(), RuntimeError> {
+            self.fake.remove(id).await
+        }
+        async fn list_labelled(
+            &self,
+            key: &str,
+            value: &str,
+        ) -> Result<Vec<ContainerState>, RuntimeError> {
+            let list = self.fake.list_labelled(key, value).await?;
+            let victim = self.victim.lock().unwrap().take();
+            if let Some((session, container)) = victim {
+                let at = self.fake.now();
+                self.fake.exit(&container, 0, at);
+                self.ledger
+                    .close(&session, Some(at), EndReason::Stopped, String::new())
+                    .await
+                    .unwrap();
+            }
+            Ok(list)
+        }
+        fn events(
+            &self,
+            key: &str,
+            value: &str,
+        ) -> futures_util::stream::BoxStream<'static, Result<ContainerEvent, RuntimeError>>
+        {
+            self.fake.events(key, value)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_stopped_during_a_reconcile_leaves_no_device_withheld() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let fake = Arc::new(FakeRuntime::new());
+        let runtime = Arc::new(StopDuringList {
+            fake: fake.clone(),
+            ledger: ledger.clone(),
+            victim: Mutex::new(None),
+        });
+        let policy = Policy::load(Path::new("fixtures/policy-test.toml"), None)
+            .unwrap()
+            .policy;
+        let manager = SessionManager::new(
+            SessionSettings {
+                node_id: "n1".into(),
+                injection: DeviceInjection::Env,
+            },
+            ledger,
+            runtime.clone(),
+            Arc::new(EngineClock(fake.clone())),
+            Arc::new(policy),
+            Arc::new(EventBus::new()),
+        );
+        let devices = load_fixture(Path::new("fixtures/sim-dgx-a100.toml"))
+            .unwrap()
+            .assignable();
+        let session = manager
+            .launch(plan("r1", None), devices, Vec::new())
+            .await
+            .unwrap();
+        fake.advance(Duration::from_secs(5));
+        *runtime.victim.lock().unwrap() = Some((
+            session.id.clone(),
+            ContainerId(session.container_id.clone().unwrap()),
+        ));
+        manager.reconcile(false).await.unwrap();
+        let ended = manager.get(&OPERATOR, &session.id).await.unwrap();
+        assert_eq!(ended.state, SessionState::Ended);
+        let busy = manager.busy_devices().await.unwrap();
+        assert!(
+            busy.is_empty(),
+            "withheld after their session ended: {busy:?}"
         );
     }
 
