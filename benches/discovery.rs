@@ -44,7 +44,7 @@ fn report(what: &str, mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     let p50 = percentile(&samples, 0.5);
     println!(
-        "{what:<34} p50 {:>8.3} ms   p90 {:>8.3} ms   max {:>8.3} ms",
+        "{what:<38} p50 {:>8.3} ms   p90 {:>8.3} ms   max {:>8.3} ms",
         ms(p50),
         ms(percentile(&samples, 0.9)),
         ms(*samples.last().unwrap()),

@@ -4,7 +4,8 @@
 #      engine (docker.io), busybox-static (for the test image), prometheus
 #      (for promtool) and systemd (for systemd-analyze);
 #   2. starts dockerd when none answers, and imports the busybox test image;
-#   3. runs cargo fmt --check, cargo clippy -D warnings, and cargo test.
+#   3. runs cargo fmt --check, cargo clippy -D warnings, and cargo test;
+#   4. with GPUWARDEN_FUZZ_SECONDS=N, fuzzes each target N seconds (scripts/fuzz.sh).
 # Not root and something missing: it says what, and the tests that need it fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,3 +55,12 @@ log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 log "cargo test"
 cargo test --locked
+
+# Coverage-guided fuzzing is not part of the default run: cargo-fuzz and an
+# instrumented build of the agent cost about half an hour on 2 cores (see
+# fuzz/README.md); `cargo test` above replays the fuzz corpus and mutations
+# of it instead. GPUWARDEN_FUZZ_SECONDS=N adds N seconds of each fuzz target.
+if [ -n "${GPUWARDEN_FUZZ_SECONDS:-}" ]; then
+  log "scripts/fuzz.sh $GPUWARDEN_FUZZ_SECONDS"
+  scripts/fuzz.sh "$GPUWARDEN_FUZZ_SECONDS"
+fi

@@ -12,7 +12,6 @@ use std::time::Duration;
 use common::{Daemon, gpuwarden};
 use gpuwarden::proto;
 use nix::sys::signal::Signal;
-use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use tonic_reflection::pb::v1::ServerReflectionRequest;
@@ -105,17 +104,6 @@ async fn health_and_reflection_are_served_beside_the_agent() {
     let names: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
     assert!(names.contains("gpuwarden.v1.NodeAgent"), "{names:?}");
     assert!(names.contains("grpc.health.v1.Health"), "{names:?}");
-}
-
-#[tokio::test]
-async fn rpcs_not_built_yet_answer_unimplemented() {
-    let mut daemon = Daemon::start("sim-h100-pair.toml", "");
-    let mut client = daemon.client().await;
-    let status = client
-        .rescan_inventory(proto::RescanInventoryRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented);
 }
 
 #[tokio::test]

@@ -97,6 +97,13 @@ pub fn load_fixture(path: &Path) -> Result<HostInventory, FixtureError> {
     Ok(read_host(path)?.inventory)
 }
 
+/// Validates fixture `text` as if read from `path` (named in errors only):
+/// what [`load_fixture`] does after reading the file.
+pub fn parse_fixture(path: &Path, text: &str) -> Result<HostInventory, FixtureError> {
+    let file: FixtureFile = toml_file::parse(path, text)?;
+    Ok(validate(path, file)?.inventory)
+}
+
 fn validate(path: &Path, file: FixtureFile) -> Result<Host, FixtureError> {
     let bad = |key: String, reason: String| FileError::invalid(path, key, reason);
     for (key, value) in [
@@ -457,8 +464,7 @@ mod tests {
     const H100_PAIR: &str = include_str!("../../fixtures/sim-h100-pair.toml");
 
     fn parse(text: &str) -> Result<HostInventory, FixtureError> {
-        let path = Path::new("fixture.toml");
-        validate(path, toml_file::parse(path, text)?).map(|host| host.inventory)
+        parse_fixture(Path::new("fixture.toml"), text)
     }
 
     fn refusal(text: &str) -> (String, String) {

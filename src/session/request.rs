@@ -21,13 +21,32 @@ pub const DEVICE_VARIABLES: [&str; 4] = [
     "NVIDIA_MIG_MONITOR_DEVICES",
 ];
 
+/// Variables with which the NVIDIA container toolkit gives a container host
+/// devices besides its GPUs (IMEX channels, GPUDirect Storage, InfiniBand,
+/// NVSwitch, GDRCopy): a request cannot set them either.
+pub const HOST_DEVICE_VARIABLES: [&str; 5] = [
+    "NVIDIA_IMEX_CHANNELS",
+    "NVIDIA_GDS",
+    "NVIDIA_MOFED",
+    "NVIDIA_NVSWITCH",
+    "NVIDIA_GDRCOPY",
+];
+
 const MAX_ID_LEN: usize = 64;
 const MAX_REQUEST_ID_LEN: usize = 128;
 const MAX_DEVICES: u32 = 64;
 const MAX_ENV: usize = 1024;
 const MAX_ENV_BYTES: usize = 256 * 1024;
 const MAX_ARGS: usize = 1024;
+/// Linux's limit on one argument of execve (MAX_ARG_STRLEN), less its NUL.
+const MAX_ARG_BYTES: usize = 128 * 1024 - 1;
+const MAX_COMMAND_BYTES: usize = 256 * 1024;
 const MAX_VOLUMES: usize = 32;
+/// Device names and MIG profiles are short ("NVIDIA H100 80GB HBM3", "1g.10gb").
+const MAX_SELECTOR_LEN: usize = 128;
+const MAX_IMAGE_LEN: usize = 512;
+/// How much of a refused value a message repeats.
+const SHOWN_CHARS: usize = 64;
 
 /// A launch as the API received it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -90,6 +109,34 @@ fn forbidden(option: &str, message: impl Into<String>) -> Refusal {
     Refusal::new(Reason::ForbiddenContainerOption, message).with("option", option)
 }
 
+/// A refused value as a message repeats it: escaped, and cut after
+/// [`SHOWN_CHARS`] characters so that a huge value never makes a huge
+/// message (which would go into a gRPC header, the audit trail and events).
+fn shown(value: &str) -> String {
+    let mut chars = value.chars();
+    let head: String = chars.by_ref().take(SHOWN_CHARS).collect();
+    let escaped = head.escape_debug().to_string();
+    if chars.next().is_none() {
+        escaped
+    } else {
+        format!("{escaped}... ({} bytes)", value.len())
+    }
+}
+
+/// `value` cut to at most `max` bytes (at a character boundary), with a
+/// note of its full length: for recording what an unvalidated request said
+/// (audit trail, events, logs) without recording megabytes of it.
+pub fn clipped(value: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if value.len() <= max {
+        return value.into();
+    }
+    let mut end = max;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &value[..end], value.len()).into()
+}
+
 /// Account, user and org ids end up in labels and volume names: letters,
 /// digits, `.`, `_`, `-`, starting with a letter or digit.
 pub fn check_id(field: &str, value: &str) -> Result<(), Refusal> {
@@ -105,7 +152,7 @@ pub fn check_id(field: &str, value: &str) -> Result<(), Refusal> {
         return Err(invalid(format!(
             "{field} `{}` is not an id: use 1 to {MAX_ID_LEN} letters, digits, `.`, `_` or `-`, \
              starting with a letter or digit",
-            value.escape_debug()
+            shown(value)
         )));
     }
     Ok(())
@@ -158,20 +205,14 @@ impl LaunchRequest {
         let container = self.container;
         let network = container_options(&container)?;
         let image = container.image;
-        if image.is_empty()
-            || image.len() > 512
-            || image.chars().any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(invalid(
-                "container.image must be an image reference without spaces",
-            ));
-        }
-        if container.command.len() > MAX_ARGS || container.command.iter().any(|a| a.contains('\0'))
-        {
+        if !is_image_reference(&image) {
             return Err(invalid(format!(
-                "container.command must have at most {MAX_ARGS} arguments without NUL bytes"
+                "container.image `{}` is not an image reference: use NAME[:TAG][@DIGEST] with a \
+                 lowercase name, such as `busybox:1.36` or `registry.example.com:5000/team/app:v2`",
+                shown(&image)
             )));
         }
+        check_command(&container.command)?;
         check_env(&container.env)?;
         check_volumes(&container.volumes)?;
         Ok(LaunchPlan {
@@ -222,6 +263,18 @@ fn selector(
             "devices: at most {MAX_DEVICES} per session"
         )));
     }
+    for (field, value) in [
+        ("devices.gpu_model", &gpu_model),
+        ("devices.mig_profile", &mig_profile),
+    ] {
+        if value.len() > MAX_SELECTOR_LEN || value.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "{field} `{}` is not a device name or MIG profile: use at most \
+                 {MAX_SELECTOR_LEN} printable characters, as GetInventory shows them",
+                shown(value)
+            )));
+        }
+    }
     if gpu_count > 0 {
         return Ok(DeviceSelector::Gpus {
             count: gpu_count,
@@ -234,17 +287,19 @@ fn selector(
         ));
     }
     if !device_uuids.is_empty() {
-        if let Some(bad) = device_uuids
-            .iter()
-            .find(|u| u.is_empty() || u.len() > 128 || !u.chars().all(|c| c.is_ascii_graphic()))
-        {
-            return Err(Refusal::new(
-                Reason::UnknownDevice,
-                format!(
-                    "`{}` is not a device UUID; ask GetInventory",
-                    bad.escape_debug()
-                ),
-            ));
+        // Well-formed but unknown UUIDs are the allocator's UNKNOWN_DEVICE;
+        // these are not UUIDs at all.
+        if let Some(bad) = device_uuids.iter().find(|u| {
+            !(u.starts_with("GPU-") || u.starts_with("MIG-"))
+                || u.len() <= 4
+                || u.len() > 128
+                || !u.chars().all(|c| c.is_ascii_graphic())
+        }) {
+            return Err(invalid(format!(
+                "devices.device_uuids: `{}` is not a device UUID: NVML's UUIDs start with `GPU-` \
+                 or `MIG-`; ask GetInventory for this node's",
+                shown(bad)
+            )));
         }
         return Ok(DeviceSelector::Exact(
             device_uuids.into_iter().map(DeviceUuid::new).collect(),
@@ -276,7 +331,7 @@ fn container_options(container: &ContainerRequest) -> Result<Network, Refusal> {
                 "network_mode",
                 format!(
                     "container.network_mode `{}` is not allowed: use \"bridge\" (the default) or \"none\"",
-                    other.escape_debug()
+                    shown(other)
                 ),
             ));
         }
@@ -315,6 +370,157 @@ fn container_options(container: &ContainerRequest) -> Result<Network, Refusal> {
     Ok(network)
 }
 
+fn check_command(command: &[String]) -> Result<(), Refusal> {
+    if command.len() > MAX_ARGS {
+        return Err(invalid(format!(
+            "container.command has {} arguments; at most {MAX_ARGS}",
+            command.len()
+        )));
+    }
+    if let Some((i, _)) = command.iter().enumerate().find(|(_, a)| a.contains('\0')) {
+        return Err(invalid(format!(
+            "container.command[{i}] contains a NUL byte"
+        )));
+    }
+    if let Some((i, arg)) = command
+        .iter()
+        .enumerate()
+        .find(|(_, a)| a.len() > MAX_ARG_BYTES)
+    {
+        return Err(invalid(format!(
+            "container.command[{i}] is {} bytes; at most {MAX_ARG_BYTES} (Linux's limit for one \
+             argument): pass large data through a volume",
+            arg.len()
+        )));
+    }
+    let bytes: usize = command.iter().map(String::len).sum();
+    if bytes > MAX_COMMAND_BYTES {
+        return Err(invalid(format!(
+            "container.command is {bytes} bytes; at most {MAX_COMMAND_BYTES}: pass large data \
+             through a volume"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `image` is a reference Docker accepts (its distribution
+/// reference grammar): `[DOMAIN[:PORT]/]PATH[:TAG][@ALGORITHM:HEX]`, with
+/// lowercase path components. Checked here so that a malformed one is the
+/// caller's INVALID_REQUEST rather than an engine failure.
+fn is_image_reference(image: &str) -> bool {
+    if image.is_empty() || image.len() > MAX_IMAGE_LEN || !image.is_ascii() {
+        return false;
+    }
+    let (rest, digest) = match image.split_once('@') {
+        Some((rest, digest)) => (rest, Some(digest)),
+        None => (image, None),
+    };
+    if let Some(digest) = digest {
+        let Some((algorithm, hex)) = digest.split_once(':') else {
+            return false;
+        };
+        let algorithm_ok = algorithm.split(['+', '.', '_', '-']).all(|part| {
+            part.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+                && part.chars().all(|c| c.is_ascii_alphanumeric())
+        });
+        if !algorithm_ok || hex.len() < 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return false;
+        }
+    }
+    // A tag follows the last `:` after the last `/` (an earlier `:` is a
+    // registry's port).
+    let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match rest[last_slash..].rfind(':') {
+        Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+        None => (rest, None),
+    };
+    if let Some(tag) = tag {
+        let tag_ok = (1..=128).contains(&tag.len())
+            && tag
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+            && tag
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !tag_ok {
+            return false;
+        }
+    }
+    if name.is_empty() || name.len() > 255 {
+        return false;
+    }
+    let mut components: Vec<&str> = name.split('/').collect();
+    // The first component is a registry when it looks like a host: it has
+    // a `.` or a `:` or is `localhost` (Docker's rule).
+    if components.len() > 1 {
+        let first = components[0];
+        if first.contains(['.', ':']) || first == "localhost" {
+            if !is_registry(first) {
+                return false;
+            }
+            components.remove(0);
+        }
+    }
+    components.iter().all(|c| is_path_component(c))
+}
+
+/// `host[:port]`: host labels of letters, digits and `-`, joined by `.`,
+/// or a bracketed IPv6 address.
+fn is_registry(domain: &str) -> bool {
+    let (host, port) = if let Some(v6) = domain.strip_prefix('[') {
+        let Some((address, after)) = v6.split_once(']') else {
+            return false;
+        };
+        if address.is_empty() || !address.chars().all(|c| c.is_ascii_hexdigit() || c == ':') {
+            return false;
+        }
+        match after {
+            "" => return true,
+            _ => match after.strip_prefix(':') {
+                Some(port) => ("v6", Some(port)),
+                None => return false,
+            },
+        }
+    } else {
+        match domain.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (domain, None),
+        }
+    };
+    let port_ok =
+        port.is_none_or(|p| (1..=5).contains(&p.len()) && p.chars().all(|c| c.is_ascii_digit()));
+    let host_ok = host.split('.').all(|label| {
+        !label.is_empty()
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    });
+    port_ok && host_ok
+}
+
+/// Lowercase letters and digits, with `.`, `_`, `__` or runs of `-`
+/// between them.
+fn is_path_component(component: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let bytes: Vec<char> = component.chars().collect();
+    let (Some(first), Some(last)) = (bytes.first(), bytes.last()) else {
+        return false;
+    };
+    if !alnum(*first) || !alnum(*last) {
+        return false;
+    }
+    // Each run of separators between alphanumerics is `.`, `_`, `__` or
+    // one or more `-`.
+    component
+        .split(alnum)
+        .filter(|run| !run.is_empty())
+        .all(|run| matches!(run, "." | "_" | "__") || run.chars().all(|c| c == '-'))
+        && component
+            .chars()
+            .all(|c| alnum(c) || matches!(c, '.' | '_' | '-'))
+}
+
 fn check_env(env: &BTreeMap<String, String>) -> Result<(), Refusal> {
     if env.len() > MAX_ENV {
         return Err(invalid(format!(
@@ -334,6 +540,19 @@ fn check_env(env: &BTreeMap<String, String>) -> Result<(), Refusal> {
             )
             .with("variable", *reserved));
         }
+        if let Some(reserved) = HOST_DEVICE_VARIABLES
+            .iter()
+            .find(|v| name.eq_ignore_ascii_case(v))
+        {
+            return Err(forbidden(
+                "env",
+                format!(
+                    "container.env cannot set {reserved}: the NVIDIA container toolkit would give \
+                     the container host devices beyond its GPUs"
+                ),
+            )
+            .with("variable", *reserved));
+        }
         let valid_name = name
             .chars()
             .next()
@@ -342,7 +561,7 @@ fn check_env(env: &BTreeMap<String, String>) -> Result<(), Refusal> {
         if !valid_name {
             return Err(invalid(format!(
                 "container.env name `{}` is not a variable name (letters, digits, `_`)",
-                name.escape_debug()
+                shown(name)
             )));
         }
         if value.contains('\0') {
@@ -372,11 +591,22 @@ fn check_volumes(volumes: &[VolumeRequest]) -> Result<(), Refusal> {
                 "volumes",
                 format!(
                     "volume `{}` looks like a host path: host bind mounts are not allowed, name a volume",
-                    volume.name.escape_debug()
+                    shown(&volume.name)
                 ),
             ));
         }
         check_id("container.volumes.name", &volume.name)?;
+        // The Docker volume is `gpuwarden.<account>.<name>`: with a dot in
+        // the name, account `a` with volume `b.c` and account `a.b` with
+        // volume `c` would share `gpuwarden.a.b.c`.
+        if volume.name.contains('.') {
+            return Err(invalid(format!(
+                "container.volumes.name `{}` has a `.`: use letters, digits, `_` or `-` \
+                 (volumes are named gpuwarden.<account>.<name>, so a dot would reach into \
+                 another account's names)",
+                shown(&volume.name)
+            )));
+        }
         let target = &volume.target;
         if !target.starts_with('/')
             || target == "/"
@@ -386,11 +616,14 @@ fn check_volumes(volumes: &[VolumeRequest]) -> Result<(), Refusal> {
         {
             return Err(invalid(format!(
                 "volume target `{}` must be an absolute path inside the container, without `.` or `..`",
-                target.escape_debug()
+                shown(target)
             )));
         }
         if !targets.insert(target.trim_end_matches('/')) {
-            return Err(invalid(format!("two volumes are mounted at {target}")));
+            return Err(invalid(format!(
+                "two volumes are mounted at {}",
+                shown(target)
+            )));
         }
     }
     Ok(())
@@ -531,6 +764,22 @@ mod tests {
                         .insert("cuda_visible_devices".into(), "0".into());
                 }),
             ),
+            (
+                "env",
+                Box::new(|r| {
+                    r.container
+                        .env
+                        .insert("NVIDIA_IMEX_CHANNELS".into(), "0".into());
+                }),
+            ),
+            (
+                "env",
+                Box::new(|r| {
+                    r.container
+                        .env
+                        .insert("nvidia_mofed".into(), "enabled".into());
+                }),
+            ),
         ];
         for (option, change) in cases {
             let refusal = refused(change);
@@ -605,6 +854,166 @@ mod tests {
             .reason,
             Reason::InvalidRequest
         );
+    }
+
+    #[test]
+    fn image_references_follow_dockers_grammar() {
+        for good in [
+            "busybox",
+            "busybox:1.36",
+            "gpuwarden-test/busybox:latest",
+            "nvcr.io/nvidia/pytorch:24.05-py3",
+            "localhost:5000/team/app_v2:v2.1",
+            "registry.example.com:5000/a/b/c@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "[::1]:5000/x:y",
+            "a__b/c-d/e.f:_tag",
+            "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            let mut request = base();
+            request.container.image = good.into();
+            assert!(request.validate().is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "../x",
+            "Foo",
+            "a b",
+            "busybox:",
+            "busybox:-x",
+            "x@sha256:zz",
+            "x@sha256",
+            "/x",
+            "x/",
+            "x//y",
+            "a..b",
+            "a-_b",
+            "-a",
+            "bad_host.:5000/x",
+            "host:port/x",
+            "caf\u{e9}",
+            "x\0y",
+        ] {
+            let refusal = refused(|r| r.container.image = bad.into());
+            assert_eq!(refusal.reason, Reason::InvalidRequest, "{bad}");
+            assert!(refusal.message.contains("container.image"), "{bad}");
+        }
+        let long = format!("a:{}", "b".repeat(129));
+        assert_eq!(
+            refused(|r| r.container.image = long).reason,
+            Reason::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn refusals_repeat_at_most_a_bounded_part_of_a_huge_value() {
+        let huge = "\u{1}".repeat(1 << 20);
+        type Change<'a> = Box<dyn FnOnce(&mut LaunchRequest) + 'a>;
+        let cases: Vec<Change> = vec![
+            Box::new(|r| r.principal.as_mut().unwrap().subject = huge.clone()),
+            Box::new(|r| r.container.network_mode = huge.clone()),
+            Box::new(|r| r.container.image = huge.clone()),
+            Box::new(|r| {
+                r.container.env.insert(huge.clone(), "x".into());
+            }),
+            Box::new(|r| {
+                r.gpu_count = 0;
+                r.device_uuids = vec![huge.clone()];
+            }),
+            Box::new(|r| r.gpu_model = huge.clone()),
+            Box::new(|r| {
+                r.container.volumes = vec![VolumeRequest {
+                    name: format!("/{huge}"),
+                    target: "/x".into(),
+                    read_only: false,
+                }]
+            }),
+            Box::new(|r| {
+                r.container.volumes = vec![VolumeRequest {
+                    name: "v".into(),
+                    target: format!("/{huge}"),
+                    read_only: false,
+                }]
+            }),
+        ];
+        for change in cases {
+            let refusal = refused(change);
+            assert!(refusal.message.len() < 1024, "{}", refusal.message.len());
+            assert!(refusal.message.contains("bytes)"), "{}", refusal.message);
+        }
+    }
+
+    #[test]
+    fn clipped_keeps_short_values_and_cuts_long_ones_at_a_char_boundary() {
+        assert_eq!(clipped("req-1", 8), "req-1");
+        assert_eq!(clipped("aaaa\u{e9}", 5), "aaaa... (6 bytes)");
+        assert_eq!(clipped(&"x".repeat(1 << 20), 4), "xxxx... (1048576 bytes)");
+    }
+
+    #[test]
+    fn commands_and_selectors_are_bounded() {
+        let refusal = refused(|r| r.container.command = vec!["x".repeat(MAX_ARG_BYTES + 1)]);
+        assert!(
+            refusal.message.contains("command[0]"),
+            "{}",
+            refusal.message
+        );
+        let refusal = refused(|r| r.container.command = vec!["x".repeat(100_000); 3]);
+        assert!(
+            refusal
+                .message
+                .contains("container.command is 300000 bytes"),
+            "{}",
+            refusal.message
+        );
+        let refusal = refused(|r| r.container.command = vec!["a".into(), "b\0".into()]);
+        assert!(
+            refusal.message.contains("command[1]"),
+            "{}",
+            refusal.message
+        );
+        let mut request = base();
+        request.container.command = vec!["x".repeat(MAX_ARG_BYTES)];
+        assert!(request.validate().is_ok());
+        assert_eq!(
+            refused(|r| r.gpu_model = "H".repeat(MAX_SELECTOR_LEN + 1)).reason,
+            Reason::InvalidRequest
+        );
+        assert_eq!(
+            refused(|r| {
+                r.gpu_count = 0;
+                r.mig_profile = "1g.10gb\n".into();
+                r.mig_count = 1;
+            })
+            .reason,
+            Reason::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn what_is_not_a_device_uuid_is_an_invalid_request() {
+        for bad in ["", "GPU-", "0", "../../dev/nvidia0", "GPU-a b", "gpu-1"] {
+            let refusal = refused(|r| {
+                r.gpu_count = 0;
+                r.device_uuids = vec![bad.into()];
+            });
+            assert_eq!(refusal.reason, Reason::InvalidRequest, "{bad:?}");
+            assert!(refusal.message.contains("GetInventory"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_volume_name_cannot_reach_into_another_accounts_names() {
+        // Account `u-alice` with volume `x.data` would be gpuwarden.u-alice.x.data,
+        // the volume `data` of an account `u-alice.x`.
+        let refusal = refused(|r| {
+            r.container.volumes = vec![VolumeRequest {
+                name: "x.data".into(),
+                target: "/data".into(),
+                read_only: false,
+            }]
+        });
+        assert_eq!(refusal.reason, Reason::InvalidRequest);
+        assert!(refusal.message.contains("`.`"), "{}", refusal.message);
     }
 
     #[test]

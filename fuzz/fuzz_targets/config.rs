@@ -1,0 +1,10 @@
+//! The config file: `Config::parse`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        gpuwarden_fuzz::check_config(text);
+    }
+});
