@@ -87,6 +87,10 @@ for target in $targets; do
   set -e
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$out" | tail -1)
   speed=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$out" | tail -1)
+  if $minimize && [ "$status" -eq 0 ]; then
+    log "minimizing $corpus"
+    cargo fuzz cmin "${build_flags[@]}" "$target" "$corpus" >/dev/null 2>&1
+  fi
   units=$(find "$corpus" -type f | wc -l)
   if [ "$status" -ne 0 ]; then
     failed+=("$target")
@@ -94,10 +98,6 @@ for target in $targets; do
     summary+=("$(printf '%-14s FAILED  %s' "$target" "${crash:-see $out}")")
   else
     summary+=("$(printf '%-14s ok      %10s runs  %6s exec/s  %5s corpus' "$target" "${runs:-?}" "${speed:-?}" "$units")")
-  fi
-  if $minimize && [ "$status" -eq 0 ]; then
-    log "minimizing $corpus"
-    cargo fuzz cmin "${build_flags[@]}" "$target" "$corpus" >/dev/null 2>&1
   fi
 done
 

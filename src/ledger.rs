@@ -495,7 +495,15 @@ impl Ledger {
         self.call_with(move |connection| {
             let tx = connection.transaction()?;
             if let Some(existing) = session_by(&tx, "request_id", &new.request_id)? {
-                return Ok(Begun::Existing(existing));
+                // The idempotency key is the caller's: the same key from
+                // another principal or account gets nothing of that session.
+                if existing.owner == new.owner && existing.account_id == new.account_id {
+                    return Ok(Begun::Existing(existing));
+                }
+                return Err(Outcome::Other(Refusal::new(
+                    Reason::InvalidRequest,
+                    "this request_id is already in use; pick another (a fresh UUID per launch)",
+                )));
             }
             let view = LedgerView {
                 held: held_devices(&tx)?,

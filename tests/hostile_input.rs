@@ -607,8 +607,6 @@ async fn hostile_fields_get_invalid_argument_naming_what_to_change() {
 /// said about itself; recording megabytes of it per request would let any
 /// client fill the state directory, and with it stop every launch.
 #[tokio::test]
-#[ignore = "needs the agent fix reported for issue 8: Agent::launch records the raw request_id, \
-            principal and org_id of a refused request (clip them with session::request::clipped)"]
 async fn a_huge_refused_request_leaves_a_bounded_record() {
     let mut daemon = Daemon::start("sim-h100-pair.toml", "");
     let mut client = daemon.client().await;

@@ -704,8 +704,6 @@ async fn another_orgs_reserved_device_is_out_of_reach_however_it_is_asked_for() 
 /// and usage) nor have its own launch silently answered with someone
 /// else's session.
 #[tokio::test]
-#[ignore = "needs the ledger/manager fix reported for issue 8: a repeated request_id is \
-            matched without checking who repeats it"]
 async fn a_request_id_of_another_account_returns_nothing_of_its_session() {
     let mut daemon = Daemon::start("sim-h100-pair.toml", "");
     let mut client = daemon.client().await;

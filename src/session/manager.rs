@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
-use super::request::LaunchPlan;
+use super::request::{LaunchPlan, clipped};
 use super::{Caller, EndReason, Principal, SessionId, SessionRecord, SessionState};
 use crate::allocation::{self, DeviceSelector, Unavailable};
 use crate::clock::{Clock, UnixNanos};
@@ -48,6 +48,10 @@ mod enforcement;
 
 pub use credit::CreditControl;
 use enforcement::{BalanceState, ScheduledStop};
+
+/// How much of a refused request's ids and message is recorded.
+const RECORDED_ID_LEN: usize = 160;
+const RECORDED_MESSAGE_LEN: usize = 1024;
 
 /// Where the session manager's collaborators and settings come from.
 #[derive(Debug, Clone)]
@@ -244,26 +248,35 @@ impl SessionManager {
         account_id: &str,
         refusal: &Refusal,
     ) {
+        // What a refused request says about itself is untrusted and may be
+        // huge: each field is clipped before it is logged, kept or sent.
+        let request_id = clipped(request_id, RECORDED_ID_LEN).into_owned();
+        let account_id = clipped(account_id, RECORDED_ID_LEN).into_owned();
+        let principal = principal.map(|p| Principal {
+            subject: clipped(&p.subject, RECORDED_ID_LEN).into_owned(),
+            kind: p.kind,
+        });
+        let message = clipped(&refusal.message, RECORDED_MESSAGE_LEN).into_owned();
         let now = self.clock.now();
         tracing::info!(request_id, account = account_id, reason = %refusal.reason, "launch refused");
         self.audit(AuditRecord {
             at: now,
             action: AuditAction::Refuse,
-            actor: principal.cloned().map_or(Actor::Operator, Actor::Principal),
-            account_id: account_id.to_owned(),
+            actor: principal.clone().map_or(Actor::Operator, Actor::Principal),
+            account_id: account_id.clone(),
             session_id: String::new(),
             reason: refusal.reason.as_str().to_owned(),
-            detail: format!("request {request_id}: {}", refusal.message),
+            detail: format!("request {request_id}: {message}"),
         })
         .await;
         self.events.publish(
             now,
             EventKind::LaunchRefused {
-                request_id: request_id.to_owned(),
-                principal: principal.cloned(),
-                account_id: account_id.to_owned(),
+                request_id,
+                principal,
+                account_id,
                 reason: refusal.reason,
-                message: refusal.message.clone(),
+                message,
             },
         );
     }
