@@ -844,30 +844,10 @@ impl Ledger {
             )?;
             let mut totals = Vec::new();
             for account in &accounts {
-                let rows = statement.query_map(params![account, from.0, to.0], |row| {
-                    Ok((
-                        row.get::<_, String>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, String>(2)?,
-                        row.get::<_, String>(3)?,
-                        row.get::<_, i64>(4)?,
-                        row.get::<_, f64>(5)?,
-                        row.get::<_, i64>(6)?,
-                    ))
-                })?;
-                for row in rows {
-                    let (account_id, scope, path, device_class, device_ms, gpu_seconds, cost) =
-                        row?;
-                    totals.push(UsageTotal {
-                        account_id,
-                        scope: parsed("scope", &scope, Scope::parse).map_err(Outcome::Corrupt)?,
-                        billing_path: parsed("billing path", &path, BillingPath::parse)
-                            .map_err(Outcome::Corrupt)?,
-                        device_class,
-                        device_ms,
-                        gpu_seconds,
-                        cost: Credits(cost),
-                    });
+                for total in
+                    statement.query_map(params![account, from.0, to.0], read_usage_total)?
+                {
+                    totals.push(total?.map_err(Outcome::Corrupt)?);
                 }
             }
             Ok(totals)
@@ -1099,7 +1079,7 @@ impl Ledger {
     pub async fn usage_totals(&self) -> Result<Vec<UsageTotal>, LedgerError> {
         self.transaction(|tx| {
             let mut statement = tx.prepare_cached(
-                "SELECT s.account_id, s.scope, s.billing_path, SUM(x.device_ms), SUM(x.gpu_seconds), SUM(x.cost_nano)
+                "SELECT s.account_id, s.scope, s.billing_path, '', SUM(x.device_ms), SUM(x.gpu_seconds), SUM(x.cost_nano)
                  FROM (SELECT session_id, device_ms, gpu_seconds, cost_nano FROM usage_records
                        UNION ALL
                        SELECT session_id, device_ms, gpu_seconds, cost_nano FROM session_totals) x
@@ -1107,31 +1087,9 @@ impl Ledger {
                  GROUP BY s.account_id, s.scope, s.billing_path
                  ORDER BY s.account_id, s.scope, s.billing_path",
             )?;
-            let rows = statement
-                .query_map([], |row| {
-                    Ok((
-                        row.get::<_, String>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, String>(2)?,
-                        row.get::<_, i64>(3)?,
-                        row.get::<_, f64>(4)?,
-                        row.get::<_, i64>(5)?,
-                    ))
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            rows.into_iter()
-                .map(|(account_id, scope, path, device_ms, gpu_seconds, cost)| {
-                    Ok(UsageTotal {
-                        account_id,
-                        scope: parsed("scope", &scope, Scope::parse).map_err(Outcome::Corrupt)?,
-                        billing_path: parsed("billing path", &path, BillingPath::parse)
-                            .map_err(Outcome::Corrupt)?,
-                        device_class: String::new(),
-                        device_ms,
-                        gpu_seconds,
-                        cost: Credits(cost),
-                    })
-                })
+            statement
+                .query_map([], read_usage_total)?
+                .map(|total| total?.map_err(Outcome::Corrupt))
                 .collect()
         })
         .await
@@ -1236,6 +1194,26 @@ fn write_cut<E>(
         }
     }
     Ok(cuts.len())
+}
+
+/// A usage aggregate row: account, scope, billing path, device class, then
+/// the sums of device_ms, gpu_seconds and cost_nano. An unreadable scope or
+/// path is an error text rather than a failed query.
+fn read_usage_total(row: &Row<'_>) -> rusqlite::Result<Result<UsageTotal, String>> {
+    let (account_id, scope, path, device_class): (String, String, String, String) =
+        (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+    let (device_ms, gpu_seconds, cost) = (row.get(4)?, row.get(5)?, row.get(6)?);
+    Ok((|| {
+        Ok(UsageTotal {
+            account_id,
+            scope: parsed("scope", &scope, Scope::parse)?,
+            billing_path: parsed("billing path", &path, BillingPath::parse)?,
+            device_class,
+            device_ms,
+            gpu_seconds,
+            cost: Credits(cost),
+        })
+    })())
 }
 
 fn move_balance<E>(tx: &Transaction<'_>, account: &str, delta: Credits) -> Result<(), Outcome<E>> {
