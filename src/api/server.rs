@@ -11,6 +11,7 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::codegen::http;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tracing::Instrument as _;
 
@@ -207,6 +208,25 @@ pub async fn check_tls(files: &MtlsFiles) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Rewrites tonic's answer to a request it could not read into the
+/// agent's INVALID_REQUEST refusal (see `status::unreadable_request`).
+/// Such an answer is trailers-only: tonic puts the status in the headers
+/// and keeps it as an extension, which no successful or streamed response
+/// has, so handlers' answers pass through untouched.
+fn refuse_unreadable_requests(
+    response: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    let Some(refusal) = response
+        .extensions()
+        .get::<tonic::Status>()
+        .and_then(super::status::unreadable_request)
+    else {
+        return response;
+    };
+    tracing::info!(reason = %refusal.reason, message = %refusal.message, "refused a request that could not be read");
+    tonic::Status::from(refusal).into_http()
+}
+
 impl BoundApi {
     /// Serves the API on every bound listener until `shutdown`, each
     /// listener in its own tracked task. In-flight calls finish first.
@@ -225,8 +245,11 @@ impl BoundApi {
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
-        let with_services = |mut server: Server| {
+        let with_services = |server: Server| {
             server
+                .layer(tower::util::MapResponseLayer::new(
+                    refuse_unreadable_requests as fn(_) -> _,
+                ))
                 .add_service(node_agent.clone())
                 .add_service(health_service.clone())
                 .add_service(reflection.clone())

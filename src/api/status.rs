@@ -42,6 +42,34 @@ impl From<Refusal> for Status {
     }
 }
 
+/// The refusal owed for a request tonic could not read before any handler
+/// saw it (too large, not protobuf, invalid UTF-8 in a string, nesting past
+/// prost's limit, a truncated frame), so that it gets INVALID_ARGUMENT with
+/// an ErrorInfo like every other bad request rather than tonic's INTERNAL or
+/// OUT_OF_RANGE. `None` for a status the agent made itself: each of those
+/// carries an ErrorInfo already.
+pub fn unreadable_request(status: &Status) -> Option<Refusal> {
+    if status.get_details_error_info().is_some() {
+        return None;
+    }
+    let message = match status.code() {
+        // OUT_OF_RANGE: the frame is over the decoding limit;
+        // RESOURCE_EXHAUSTED: it decompresses past it.
+        Code::OutOfRange | Code::ResourceExhausted => format!(
+            "the request is too large ({}): send fewer or shorter container.env entries, \
+             container.command arguments or container.volumes",
+            status.message()
+        ),
+        Code::Internal => format!(
+            "the request is not a readable gpuwarden.v1 message ({}): encode it from \
+             proto/gpuwarden/v1, with UTF-8 in every string field",
+            status.message()
+        ),
+        _ => return None,
+    };
+    Some(Refusal::new(Reason::InvalidRequest, message))
+}
+
 /// The reason a client got, read back from a status's ErrorInfo.
 pub fn reason_of(status: &Status) -> Option<String> {
     status.get_details_error_info().map(|info| info.reason)
@@ -50,6 +78,45 @@ pub fn reason_of(status: &Status) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_tonic_could_not_read_become_invalid_request() {
+        for (status, says) in [
+            (
+                Status::out_of_range(
+                    "Error, decoded message length too large: found 4194400 bytes, the limit is: 4194304 bytes",
+                ),
+                "the limit is: 4194304 bytes",
+            ),
+            (
+                Status::resource_exhausted(
+                    "Error decompressing: size limit, of 4194304 bytes, exceeded while decompressing message",
+                ),
+                "4194304",
+            ),
+            (
+                Status::internal(
+                    "failed to decode Protobuf message: ContainerSpec.env: invalid string value: data is not UTF-8 encoded",
+                ),
+                "ContainerSpec.env",
+            ),
+        ] {
+            let refusal = unreadable_request(&status).unwrap();
+            assert_eq!(refusal.reason, Reason::InvalidRequest);
+            assert!(refusal.message.contains(says), "{}", refusal.message);
+            assert_eq!(Status::from(refusal).code(), Code::InvalidArgument);
+        }
+        // The agent's own statuses, and other codes, are left as they are.
+        let own = Status::from(Refusal::new(Reason::LedgerUnavailable, "disk full"));
+        assert_eq!(unreadable_request(&own), None);
+        let own_size = Status::from(Refusal::new(Reason::NoFreeDevices, "none free"));
+        assert_eq!(unreadable_request(&own_size), None);
+        assert_eq!(
+            unreadable_request(&Status::unimplemented("no such method")),
+            None
+        );
+        assert_eq!(unreadable_request(&Status::cancelled("gone")), None);
+    }
 
     #[test]
     fn every_reason_carries_its_code_and_error_info() {
