@@ -284,6 +284,18 @@ async fn every_escape_variant_is_refused_naming_the_option_and_creates_nothing()
             }),
         ),
         (
+            // The toolkit can read device requests from mounts here.
+            "volumes",
+            None,
+            Box::new(|c| {
+                c.volumes = vec![proto::VolumeMount {
+                    name: "devices".into(),
+                    target: "/var/run/nvidia-container-devices/all".into(),
+                    read_only: false,
+                }]
+            }),
+        ),
+        (
             "env",
             Some("CUDA_VISIBLE_DEVICES"),
             env("CUDA_VISIBLE_DEVICES", "0,1"),
@@ -368,8 +380,8 @@ async fn every_escape_variant_is_refused_naming_the_option_and_creates_nothing()
 #[tokio::test]
 async fn an_accepted_container_is_held_by_docker_free_of_every_escape() {
     let mut leftovers = Leftovers::default();
-    // An image whose own ENV tries to widen the devices: the agent's values
-    // must win.
+    // An image whose own ENV tries to widen the devices and to turn on the
+    // toolkit's host devices: the agent's values must win.
     let image = format!("gpuwarden-test/wide-env:{}", unique("t"));
     let base = docker(&["create", &test_image()]);
     docker(&[
@@ -378,6 +390,10 @@ async fn an_accepted_container_is_held_by_docker_free_of_every_escape() {
         "ENV NVIDIA_VISIBLE_DEVICES=all",
         "--change",
         "ENV CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7",
+        "--change",
+        "ENV NVIDIA_MOFED=enabled NVIDIA_GDS=enabled NVIDIA_NVSWITCH=enabled \
+         NVIDIA_GDRCOPY=enabled NVIDIA_IMEX_CHANNELS=all NVIDIA_MIG_CONFIG_DEVICES=all \
+         NVIDIA_MIG_MONITOR_DEVICES=all",
         &base,
         &image,
     ]);
@@ -458,6 +474,21 @@ async fn an_accepted_container_is_held_by_docker_free_of_every_escape() {
             .filter(|e| e.starts_with(&format!("{variable}=")))
             .collect();
         assert_eq!(values, [&format!("{variable}={devices}")], "{env:?}");
+    }
+    for (variable, neutral) in [
+        ("NVIDIA_MOFED", "disabled"),
+        ("NVIDIA_GDS", "disabled"),
+        ("NVIDIA_NVSWITCH", "disabled"),
+        ("NVIDIA_GDRCOPY", "disabled"),
+        ("NVIDIA_IMEX_CHANNELS", ""),
+        ("NVIDIA_MIG_CONFIG_DEVICES", ""),
+        ("NVIDIA_MIG_MONITOR_DEVICES", ""),
+    ] {
+        let values: Vec<&String> = env
+            .iter()
+            .filter(|e| e.starts_with(&format!("{variable}=")))
+            .collect();
+        assert_eq!(values, [&format!("{variable}={neutral}")], "{env:?}");
     }
     assert!(env.contains(&"HOME=/tmp".to_owned()), "{env:?}");
 

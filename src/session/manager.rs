@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
-use super::request::{LaunchPlan, clipped};
+use super::request::{HOST_DEVICE_VARIABLES, LaunchPlan, clipped};
 use super::{Caller, EndReason, Principal, SessionId, SessionRecord, SessionState};
 use crate::allocation::{self, DeviceSelector, Unavailable};
 use crate::clock::{Clock, UnixNanos};
@@ -486,6 +486,9 @@ impl SessionManager {
         let mut env = plan.env.clone();
         env.insert("NVIDIA_VISIBLE_DEVICES".into(), visible.clone());
         env.insert("CUDA_VISIBLE_DEVICES".into(), visible.clone());
+        for (variable, neutral) in HOST_DEVICE_VARIABLES {
+            env.insert(variable.into(), neutral.into());
+        }
         let devices = match self.settings.injection {
             DeviceInjection::Env => DeviceRequest::None,
             DeviceInjection::Nvidia => DeviceRequest::Devices {
@@ -1460,6 +1463,11 @@ mod tests {
         let mig = "MIG-9346009d-10be-482f-b6aa-079b9d66247a";
         assert_eq!(spec.env["NVIDIA_VISIBLE_DEVICES"], mig);
         assert_eq!(spec.env["CUDA_VISIBLE_DEVICES"], mig);
+        // The toolkit's other device variables are set neutral, so an
+        // image's own ENV cannot turn them on.
+        assert_eq!(spec.env["NVIDIA_MOFED"], "disabled");
+        assert_eq!(spec.env["NVIDIA_IMEX_CHANNELS"], "");
+        assert_eq!(spec.env["NVIDIA_MIG_CONFIG_DEVICES"], "");
         assert_eq!(spec.labels[labels::SESSION], session.id.0);
         assert_eq!(spec.labels[labels::NODE], "n1");
         assert_eq!(spec.labels[labels::DEVICES], mig);

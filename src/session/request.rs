@@ -13,23 +13,37 @@ use crate::error::{Reason, Refusal};
 use crate::gpu::DeviceUuid;
 use crate::runtime::Network;
 
-/// Variables that choose devices: the agent sets them, a request cannot.
-pub const DEVICE_VARIABLES: [&str; 4] = [
-    "NVIDIA_VISIBLE_DEVICES",
-    "CUDA_VISIBLE_DEVICES",
-    "NVIDIA_MIG_CONFIG_DEVICES",
-    "NVIDIA_MIG_MONITOR_DEVICES",
+/// Variables that choose devices: the agent sets them to the session's
+/// devices, a request cannot.
+pub const DEVICE_VARIABLES: [&str; 2] = ["NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"];
+
+/// Variables with which the NVIDIA container toolkit gives a container more
+/// of the host than its GPUs (MIG control and monitoring, IMEX channels,
+/// GPUDirect Storage, InfiniBand, NVSwitch, GDRCopy), each with the value
+/// under which the toolkit adds nothing. A request cannot set them, and the
+/// agent sets every container's to these values, so an image's own `ENV`
+/// cannot ask for them either: the toolkit reads the container's merged
+/// environment, where the container's value wins over the image's.
+pub const HOST_DEVICE_VARIABLES: [(&str, &str); 7] = [
+    // The toolkit asks only for a non-empty value (and refuses it in an
+    // unprivileged container, failing the launch).
+    ("NVIDIA_MIG_CONFIG_DEVICES", ""),
+    ("NVIDIA_MIG_MONITOR_DEVICES", ""),
+    // A device list: empty means none ("void").
+    ("NVIDIA_IMEX_CHANNELS", ""),
+    // Each is on only when `enabled`.
+    ("NVIDIA_GDS", "disabled"),
+    ("NVIDIA_MOFED", "disabled"),
+    ("NVIDIA_NVSWITCH", "disabled"),
+    ("NVIDIA_GDRCOPY", "disabled"),
 ];
 
-/// Variables with which the NVIDIA container toolkit gives a container host
-/// devices besides its GPUs (IMEX channels, GPUDirect Storage, InfiniBand,
-/// NVSwitch, GDRCopy): a request cannot set them either.
-pub const HOST_DEVICE_VARIABLES: [&str; 5] = [
-    "NVIDIA_IMEX_CHANNELS",
-    "NVIDIA_GDS",
-    "NVIDIA_MOFED",
-    "NVIDIA_NVSWITCH",
-    "NVIDIA_GDRCOPY",
+/// Where the toolkit, when configured to, reads device requests from the
+/// container's mounts (`accept-nvidia-visible-devices-as-volume-mounts`,
+/// IMEX channels as volume mounts): no volume may be mounted there.
+const TOOLKIT_MOUNT_DIRS: [&[&str]; 2] = [
+    &["var", "run", "nvidia-container-devices"],
+    &["run", "nvidia-container-devices"],
 ];
 
 const MAX_ID_LEN: usize = 64;
@@ -540,9 +554,9 @@ fn check_env(env: &BTreeMap<String, String>) -> Result<(), Refusal> {
             )
             .with("variable", *reserved));
         }
-        if let Some(reserved) = HOST_DEVICE_VARIABLES
+        if let Some((reserved, _)) = HOST_DEVICE_VARIABLES
             .iter()
-            .find(|v| name.eq_ignore_ascii_case(v))
+            .find(|(v, _)| name.eq_ignore_ascii_case(v))
         {
             return Err(forbidden(
                 "env",
@@ -618,6 +632,22 @@ fn check_volumes(volumes: &[VolumeRequest]) -> Result<(), Refusal> {
                 "volume target `{}` must be an absolute path inside the container, without `.` or `..`",
                 shown(target)
             )));
+        }
+        // Compared by components, as Docker cleans the path (`//run/x/`).
+        let components: Vec<&str> = target.split('/').filter(|c| !c.is_empty()).collect();
+        if let Some(dir) = TOOLKIT_MOUNT_DIRS
+            .iter()
+            .find(|dir| components.starts_with(dir))
+        {
+            return Err(forbidden(
+                "volumes",
+                format!(
+                    "container.volumes target {} is under /{}, where the NVIDIA container toolkit reads \
+                     device requests: mount the volume elsewhere",
+                    shown(target),
+                    dir.join("/")
+                ),
+            ));
         }
         if !targets.insert(target.trim_end_matches('/')) {
             return Err(invalid(format!(
@@ -778,6 +808,34 @@ mod tests {
                     r.container
                         .env
                         .insert("nvidia_mofed".into(), "enabled".into());
+                }),
+            ),
+            (
+                "env",
+                Box::new(|r| {
+                    r.container
+                        .env
+                        .insert("NVIDIA_MIG_MONITOR_DEVICES".into(), "all".into());
+                }),
+            ),
+            (
+                "volumes",
+                Box::new(|r| {
+                    r.container.volumes = vec![VolumeRequest {
+                        name: "v".into(),
+                        target: "//run/nvidia-container-devices/GPU-0/".into(),
+                        read_only: false,
+                    }]
+                }),
+            ),
+            (
+                "volumes",
+                Box::new(|r| {
+                    r.container.volumes = vec![VolumeRequest {
+                        name: "v".into(),
+                        target: "/var/run/nvidia-container-devices".into(),
+                        read_only: false,
+                    }]
                 }),
             ),
         ];
