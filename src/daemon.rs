@@ -20,7 +20,6 @@ use crate::config::{Config, Mode};
 use crate::control_plane::LinkState;
 use crate::control_plane::client::{ClientSetupError, GrpcControlPlane};
 use crate::control_plane::link::Link;
-use crate::error::Refusal;
 use crate::events::EventBus;
 use crate::gpu::{self, GpuError};
 use crate::ledger::{Ledger, LedgerError};
@@ -47,9 +46,6 @@ pub enum DaemonError {
     Ledger(#[from] LedgerError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
-    /// The first reconcile with the engine failed.
-    #[error("cannot reconcile the ledger with the container engine: {0}")]
-    Reconcile(Refusal),
     /// The policy file cannot be used.
     #[error(transparent)]
     Policy(#[from] FileError),
@@ -115,10 +111,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     let sessions = Arc::new(sessions);
     // Adopt what kept running while the agent was away, close what ended.
-    sessions
-        .reconcile(true)
-        .await
-        .map_err(DaemonError::Reconcile)?;
+    // When that cannot be done (the state directory is full or read-only,
+    // the engine does not answer) the agent serves all the same: reads,
+    // inventory and metrics work, launches are refused with the reason, and
+    // every checkpoint tries again. Containers run on meanwhile and are
+    // billed from Docker's timestamps once it succeeds.
+    if let Err(cause) = sessions.reconcile(true).await {
+        tracing::error!(error = %cause, "cannot bring the ledger in line with the container engine; serving with launches refused until a reconcile succeeds");
+    }
     let agent = Arc::new(
         Agent::start(
             config.node_id.clone(),

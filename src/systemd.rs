@@ -273,11 +273,17 @@ impl Heartbeat {
 /// The daemon's `STATUS=` line: what it serves now. Bounded, so a slow
 /// ledger holds up the main loop by at most `STATUS_TIMEOUT`.
 pub async fn serving_status(agent: &Agent) -> String {
-    match tokio::time::timeout(STATUS_TIMEOUT, agent.inventory()).await {
+    let mut line = match tokio::time::timeout(STATUS_TIMEOUT, agent.inventory()).await {
         Ok(Ok(view)) => status_line(&view),
         Ok(Err(refusal)) => format!("serving; inventory unavailable: {refusal}"),
         Err(_) => "serving; inventory slow to answer".to_owned(),
+    };
+    if let Some(cause) = agent.sessions().recovering().await {
+        line.push_str(&format!(
+            "; launches refused until the ledger is in line with the engine: {cause}"
+        ));
     }
+    line
 }
 
 /// "serving 17 devices (2 busy), 2 sessions", with unhealthy devices and

@@ -8,8 +8,9 @@
 //!
 //! - full: the state directory is a small tmpfs, filled up with a file and
 //!   then freed; the agent runs on throughout; then the agent is killed and
-//!   started again on the full disk: it exits 1 saying why (systemd starts
-//!   it again) and, once space is freed, starts and bills the run whole;
+//!   started again on the full disk: it serves with launches refused
+//!   (`LEDGER_UNAVAILABLE`, reads and inventory work) and, once space is
+//!   freed, launches resume and the run is billed whole;
 //! - read-only: the state directory is an ext4 file system on a loop
 //!   device that an error turns read-only (`errors=remount-ro`, the kernel's
 //!   `trigger_fs_error`), as a failing disk would; the operator's way out is
@@ -333,22 +334,67 @@ async fn a_full_state_directory_refuses_launches_and_loses_no_second() {
     let after = recovered(&mut client, &short, &long, outage, "full").await;
 
     // The agent crashes and is started again (by systemd) while the disk
-    // is full: it cannot reconcile, says why and exits 1 rather than serve
-    // unmetered; once space is freed it starts, and the running session is
-    // billed through all of it.
+    // is full: it cannot reconcile, so it serves with launches refused
+    // (reads work, the running session is known), retries, and once space
+    // is freed launches resume; the running session is billed through all
+    // of it.
     daemon.kill9().await;
     fill(&filler);
     daemon.restart();
-    let status = daemon.wait(Duration::from_secs(20)).await;
-    assert_eq!(status.code(), Some(1), "{status}");
-    std::fs::remove_file(&filler).unwrap();
-    daemon.restart();
     let mut client = daemon.client().await;
+    let status = client
+        .launch(request("full-restarted", TRAPPED))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason_of(&status).as_deref(),
+        Some("LEDGER_UNAVAILABLE"),
+        "{status:?}"
+    );
+    assert!(
+        status
+            .message()
+            .contains("not yet brought its ledger in line"),
+        "{}",
+        status.message()
+    );
     assert_eq!(
         get(&mut client, &long.id).await.state(),
         proto::SessionState::Running
     );
-    let report = finish(&mut daemon, &[&long.id, &after.id]).await;
+    let inventory = client
+        .get_inventory(proto::GetInventoryRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        inventory.devices.iter().any(|d| d.session_id == long.id),
+        "the running session's device is not shown busy: {inventory:?}"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let resumed = loop {
+        match client.launch(request("full-resumed", TRAPPED)).await {
+            Ok(session) => break session.into_inner(),
+            Err(status) => {
+                assert_eq!(
+                    reason_of(&status).as_deref(),
+                    Some("LEDGER_UNAVAILABLE"),
+                    "{status:?}"
+                );
+                assert!(
+                    Instant::now() < deadline,
+                    "launches never resumed: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    assert_eq!(
+        get(&mut client, &long.id).await.state(),
+        proto::SessionState::Running
+    );
+    let report = finish(&mut daemon, &[&long.id, &after.id, &resumed.id]).await;
     // Unmounted before the daemon's folder goes.
     drop(mounted);
     drop(daemon);
@@ -419,6 +465,17 @@ async fn a_state_directory_gone_read_only_refuses_launches_and_loses_no_second()
     until_exited(&short.container_id).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     refused_unmetered(&daemon, &mut client, "ro-refused-2").await;
+
+    // The agent crashes and is started again on the read-only file system:
+    // it serves, refusing launches, and knows what runs.
+    daemon.kill9().await;
+    daemon.restart();
+    let mut client = daemon.client().await;
+    refused_unmetered(&daemon, &mut client, "ro-refused-3").await;
+    assert_eq!(
+        get(&mut client, &long.id).await.state(),
+        proto::SessionState::Running
+    );
 
     // The operator's way out: stop the agent (containers run on), unmount,
     // check, mount again, start the agent.

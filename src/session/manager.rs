@@ -37,6 +37,8 @@ use crate::session::BillingPath;
 
 /// Grace between SIGTERM and SIGKILL when a stop names none.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// How often a reconcile is retried while launches wait on one.
+const RECOVERY_RETRY: Duration = Duration::from_secs(5);
 /// A STARTING session younger than this may still be in its launch; the
 /// periodic reconcile leaves it alone.
 const LAUNCH_WINDOW: Duration = Duration::from_secs(120);
@@ -85,6 +87,12 @@ pub struct SessionManager {
     balance_notices: Mutex<HashMap<String, BalanceState>>,
     /// Control-plane mode: slots and credit come from the control plane.
     credit: Option<CreditControl>,
+    /// Why the start-up reconcile has not succeeded yet (the ledger could
+    /// not be written, the engine did not answer); `None` once it has.
+    /// Until then launches are refused with that reason, and every
+    /// reconcile runs as the start-up one (settling STARTING sessions),
+    /// holding this lock for writing.
+    recovery: tokio::sync::RwLock<Option<Refusal>>,
 }
 
 /// An account's usage in a period and the balance that pays for it.
@@ -136,6 +144,7 @@ impl SessionManager {
             stops_in_flight: Arc::default(),
             balance_notices: Mutex::new(HashMap::new()),
             credit: None,
+            recovery: tokio::sync::RwLock::new(None),
         }
     }
 
@@ -323,6 +332,27 @@ impl SessionManager {
             return Err(Refusal::new(
                 Reason::NodeDraining,
                 "this node is draining and takes no new sessions; launch on another node",
+            ));
+        }
+        // Only a recovering reconcile takes this lock for writing, and a
+        // launch that finds it free never meets one: once recovered, no
+        // reconcile settles STARTING sessions again.
+        let recovering = match self.recovery.try_read() {
+            Ok(cause) => cause.clone(),
+            Err(_) => Some(Refusal::new(
+                Reason::LedgerUnavailable,
+                "a reconcile after a failure is under way",
+            )),
+        };
+        if let Some(cause) = recovering {
+            return Err(Refusal::new(
+                cause.reason,
+                format!(
+                    "this agent has not yet brought its ledger in line with the container \
+                     engine since it started ({}); launches resume once it has: retry later \
+                     or launch on another node",
+                    cause.message
+                ),
             ));
         }
         let mut unavailable: HashMap<DeviceUuid, Unavailable> = unhealthy
@@ -971,9 +1001,40 @@ impl SessionManager {
         Ok(())
     }
 
-    /// Brings the ledger in line with the engine. `at_start`: no launch is
-    /// in flight, so STARTING sessions are settled too.
+    /// Brings the ledger in line with the engine. `at_start` (the daemon's
+    /// first reconcile, before it serves): no launch is in flight, so
+    /// STARTING sessions are settled too. Until one such reconcile has
+    /// succeeded, every reconcile is one, and launches are refused.
     pub async fn reconcile(&self, at_start: bool) -> Result<(), Refusal> {
+        if !at_start && self.recovery.read().await.is_none() {
+            return self.bring_in_line(false).await;
+        }
+        let mut recovery = self.recovery.write().await;
+        if !at_start && recovery.is_none() {
+            // Another reconcile recovered while this one waited.
+            drop(recovery);
+            return self.bring_in_line(false).await;
+        }
+        let result = self.bring_in_line(true).await;
+        match &result {
+            Ok(()) => {
+                if recovery.take().is_some() {
+                    tracing::info!(
+                        "the ledger is in line with the container engine again; launches resume"
+                    );
+                }
+            }
+            Err(cause) => *recovery = Some(cause.clone()),
+        }
+        result
+    }
+
+    /// Why launches are refused until a reconcile succeeds, if they are.
+    pub async fn recovering(&self) -> Option<Refusal> {
+        self.recovery.read().await.clone()
+    }
+
+    async fn bring_in_line(&self, at_start: bool) -> Result<(), Refusal> {
         let containers = self
             .runtime
             .list_labelled(labels::NODE, &self.settings.node_id)
@@ -1208,11 +1269,18 @@ impl SessionManager {
         ticks.tick().await;
         loop {
             let next_stop = self.next_scheduled_stop().unwrap_or(interval);
+            // Launches wait on a recovery: it is retried sooner than a checkpoint.
+            let recovering = self.recovering().await.is_some();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = ticks.tick() => {
                     if let Err(refusal) = self.reconcile(false).await {
                         tracing::warn!(error = %refusal, "checkpoint failed; usage stays measured from Docker's times and is cut at the next one");
+                    }
+                }
+                _ = tokio::time::sleep(RECOVERY_RETRY.min(interval)), if recovering => {
+                    if let Err(refusal) = self.reconcile(false).await {
+                        tracing::warn!(error = %refusal, "reconcile failed again; launches stay refused");
                     }
                 }
                 _ = tokio::time::sleep(next_stop) => {}
@@ -2033,6 +2101,54 @@ mod tests {
             refusal.is_ok(),
             "the owner of acme is owner of acme-vision: {refusal:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn until_a_start_up_reconcile_succeeds_launches_are_refused_with_its_reason() {
+        let s = setup(DeviceInjection::Env);
+        let running = s
+            .manager
+            .launch(plan("r1", None), s.devices.clone(), Vec::new())
+            .await
+            .unwrap();
+        s.runtime.fail_next(
+            FakeCallKind::List,
+            RuntimeError::Unreachable {
+                socket: "fake".into(),
+                detail: "the engine is away".into(),
+            },
+        );
+        let cause = s.manager.reconcile(true).await.unwrap_err();
+        assert_eq!(cause.reason, Reason::ContainerEngineUnavailable);
+        let refusal = s
+            .manager
+            .launch(plan("r2", None), s.devices.clone(), Vec::new())
+            .await
+            .unwrap_err();
+        assert_eq!(refusal.reason, Reason::ContainerEngineUnavailable);
+        assert!(
+            refusal
+                .message
+                .contains("not yet brought its ledger in line")
+                && refusal.message.contains("the engine is away"),
+            "{}",
+            refusal.message
+        );
+        assert_eq!(s.manager.recovering().await, Some(cause));
+        // Reads still work.
+        let seen = s.manager.get(&OPERATOR, &running.id).await.unwrap();
+        assert_eq!(seen.state, SessionState::Running);
+
+        // The next periodic reconcile succeeds: launches resume.
+        s.manager.reconcile(false).await.unwrap();
+        assert_eq!(s.manager.recovering().await, None);
+        let second = s
+            .manager
+            .launch(plan("r2", None), s.devices.clone(), Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(second.state, SessionState::Running);
+        assert_ne!(second.devices, running.devices);
     }
 
     #[tokio::test]
