@@ -83,7 +83,7 @@ fn check_plan(request: &LaunchRequest, plan: &LaunchPlan) {
         assert!(
             !DEVICE_VARIABLES
                 .iter()
-                .chain(&HOST_DEVICE_VARIABLES)
+                .chain(HOST_DEVICE_VARIABLES.iter().map(|(v, _)| v))
                 .any(|v| v.eq_ignore_ascii_case(name)),
             "device variable {name} accepted"
         );
@@ -106,6 +106,13 @@ fn check_plan(request: &LaunchRequest, plan: &LaunchPlan) {
         assert!(
             !volume.target.split('/').any(|p| p == ".."),
             "volume target {:?} accepted",
+            volume.target
+        );
+        let parts: Vec<&str> = volume.target.split('/').filter(|p| !p.is_empty()).collect();
+        assert!(
+            !parts.starts_with(&["run", "nvidia-container-devices"])
+                && !parts.starts_with(&["var", "run", "nvidia-container-devices"]),
+            "volume target {:?} is where the toolkit reads device requests",
             volume.target
         );
         assert!(targets.insert(volume.target.trim_end_matches('/')));
