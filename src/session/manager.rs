@@ -1126,7 +1126,10 @@ impl SessionManager {
                             id,
                             None,
                             EndReason::LaunchFailed,
-                            "launch interrupted".into(),
+                            "the agent stopped before this launch finished; the container \
+                             never started and nothing was billed: launch again with a new \
+                             request_id"
+                                .into(),
                         )
                         .await?;
                     }
@@ -1137,7 +1140,9 @@ impl SessionManager {
                         id,
                         None,
                         EndReason::LaunchFailed,
-                        "launch interrupted before a container existed".into(),
+                        "the agent stopped before this launch made its container; nothing \
+                         ran and nothing was billed: launch again with a new request_id"
+                            .into(),
                     )
                     .await?;
                     Ok(())
@@ -1605,6 +1610,26 @@ mod tests {
         let failed = s.manager.list(&OPERATOR, None, true).await.unwrap();
         assert_eq!(failed[0].end_reason, Some(EndReason::LaunchFailed));
         assert_eq!(failed[0].recorded.device_ms, 0);
+        // The same request again is answered with that session, ended, and
+        // its cause: never a second container for one request_id.
+        let creates = |s: &Setup| {
+            s.runtime
+                .calls()
+                .iter()
+                .filter(|c| c.kind() == FakeCallKind::Create)
+                .count()
+        };
+        let before = creates(&s);
+        let again = s
+            .manager
+            .launch(plan("r1", None), s.devices.clone(), Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(again.id, failed[0].id);
+        assert_eq!(again.state, SessionState::Ended);
+        assert_eq!(again.end_reason, Some(EndReason::LaunchFailed));
+        assert!(!again.end_detail.is_empty(), "{again:?}");
+        assert_eq!(creates(&s), before);
         // The same device goes to the next launch.
         let next = s
             .manager
