@@ -330,6 +330,8 @@ pub fn principal_kind_to_proto(kind: PrincipalKind) -> i32 {
     .into()
 }
 
+/// The one table between the two: [`end_reason_from_proto`] reads it
+/// backwards.
 pub fn end_reason_to_proto(reason: Option<EndReason>) -> i32 {
     match reason {
         None => proto::EndReason::Unspecified,
@@ -344,6 +346,14 @@ pub fn end_reason_to_proto(reason: Option<EndReason>) -> i32 {
         Some(EndReason::DeviceLost) => proto::EndReason::DeviceLost,
     }
     .into()
+}
+
+/// An end reason the control plane sent; `None` for unspecified or unknown.
+pub fn end_reason_from_proto(value: i32) -> Option<EndReason> {
+    EndReason::ALL
+        .iter()
+        .copied()
+        .find(|reason| end_reason_to_proto(Some(*reason)) == value)
 }
 
 /// A timestamp of a request as nanoseconds; unset is `default`.
@@ -475,6 +485,24 @@ mod tests {
     use crate::gpu::simulated::load_fixture;
     use std::path::Path;
     use std::time::Duration;
+
+    #[test]
+    fn every_end_reason_has_its_own_proto_value_and_comes_back() {
+        let unspecified = i32::from(proto::EndReason::Unspecified);
+        assert_eq!(end_reason_to_proto(None), unspecified);
+        assert_eq!(end_reason_from_proto(unspecified), None);
+        assert_eq!(end_reason_from_proto(9_999), None);
+        for reason in EndReason::ALL {
+            let value = end_reason_to_proto(Some(*reason));
+            assert_ne!(value, unspecified, "{reason}");
+            // The proto's names are the ledger's with a prefix.
+            assert_eq!(
+                proto::EndReason::try_from(value).unwrap().as_str_name(),
+                format!("END_REASON_{reason}")
+            );
+            assert_eq!(end_reason_from_proto(value), Some(*reason));
+        }
+    }
 
     #[test]
     fn an_inventory_survives_the_trip_through_protobuf() {

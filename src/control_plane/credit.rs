@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::api::convert;
 use crate::clock::UnixNanos;
 use crate::error::{Reason, Refusal};
 use crate::ledger::{CreditState, FinalUnitAction};
@@ -67,7 +68,8 @@ pub fn read_answer(answer: proto::CreditControlAnswer, now: UnixNanos) -> Result
             Ok(proto::FinalUnitAction::Continue) => FinalUnitAction::Continue,
             _ => FinalUnitAction::Terminate,
         };
-        let reason = end_reason(grant.final_end_reason).unwrap_or(EndReason::GrantDenied);
+        let reason = convert::end_reason_from_proto(grant.final_end_reason)
+            .unwrap_or(EndReason::GrantDenied);
         (action, reason)
     });
     let billing_path = match proto::BillingPath::try_from(answer.billing_path) {
@@ -81,21 +83,6 @@ pub fn read_answer(answer: proto::CreditControlAnswer, now: UnixNanos) -> Result
         until,
         length_ns,
         final_unit,
-    })
-}
-
-fn end_reason(value: i32) -> Option<EndReason> {
-    Some(match proto::EndReason::try_from(value).ok()? {
-        proto::EndReason::Stopped => EndReason::Stopped,
-        proto::EndReason::Exited => EndReason::Exited,
-        proto::EndReason::Removed => EndReason::Removed,
-        proto::EndReason::BalanceExhausted => EndReason::BalanceExhausted,
-        proto::EndReason::ReservationStarted => EndReason::ReservationStarted,
-        proto::EndReason::GrantDenied => EndReason::GrantDenied,
-        proto::EndReason::ControlPlaneUnavailable => EndReason::ControlPlaneUnavailable,
-        proto::EndReason::LaunchFailed => EndReason::LaunchFailed,
-        proto::EndReason::DeviceLost => EndReason::DeviceLost,
-        proto::EndReason::Unspecified => return None,
     })
 }
 

@@ -32,22 +32,19 @@ fn credits(value: Option<proto::Credits>) -> Option<f64> {
     value.map(|c| Credits(c.nano_credits).as_f64())
 }
 
+/// A plan by the name the policy file uses for it (serde's mapping, so the
+/// two never disagree); empty is none.
 fn plan(origin: &Path, key: String, text: &str) -> Result<Option<Plan>, FileError> {
-    Ok(Some(match text {
-        "" => return Ok(None),
-        "free" => Plan::Free,
-        "pro" => Plan::Pro,
-        "team" => Plan::Team,
-        "business" => Plan::Business,
-        "enterprise" => Plan::Enterprise,
-        other => {
-            return Err(FileError::invalid(
-                origin,
-                key,
-                format!("unknown plan `{other}`: free, pro, team, business or enterprise"),
-            ));
-        }
-    }))
+    use serde::Deserialize as _;
+    use serde::de::IntoDeserializer as _;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    Plan::deserialize(text.into_deserializer())
+        .map(Some)
+        .map_err(|error: serde::de::value::Error| {
+            FileError::invalid(origin, key, format!("plan: {error}"))
+        })
 }
 
 fn time(at: Option<prost_types::Timestamp>) -> String {

@@ -35,6 +35,8 @@ macro_rules! text_enum {
         pub enum $name { $($variant),+ }
 
         impl $name {
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
+
             pub fn as_str(self) -> &'static str {
                 match self { $(Self::$variant => $text),+ }
             }
