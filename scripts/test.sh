@@ -51,10 +51,10 @@ export GPUWARDEN_TEST_IMAGE="$TEST_IMAGE"
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
-log "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --locked -- -D warnings
-log "cargo test"
-cargo test --locked
+log "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+log "cargo test --workspace"
+cargo test --workspace --locked
 
 # Coverage-guided fuzzing is not part of the default run: cargo-fuzz and an
 # instrumented build of the agent cost about half an hour on 2 cores (see
