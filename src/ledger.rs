@@ -6,7 +6,7 @@
 //! plane. Every change of a session and its usage is one transaction.
 //!
 //! SQLite calls block (an fsync per commit); async code reaches them through
-//! [`Ledger::call`] only, which runs them on tokio's blocking pool.
+//! `Ledger::call_with` only, which runs them on tokio's blocking pool.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
