@@ -11,48 +11,20 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use common::launch::{gpus, launch_as, sh};
+use common::operator::stop;
 use common::plane::{TestPlane, test_policy};
-use common::{Daemon, test_image, wait_for_session};
+use common::{Daemon, wait_for_session};
 use gpuwarden::api::status::reason_of;
 use gpuwarden::proto;
 use gpuwarden::proto::node_agent_client::NodeAgentClient;
 use tonic::transport::Channel;
 
+/// u-alice's launch of one GPU, in org `org`'s scope where one is given.
 fn launch(request_id: &str, org: Option<&str>) -> proto::LaunchRequest {
-    proto::LaunchRequest {
-        request_id: request_id.into(),
-        principal: Some(proto::Principal {
-            subject: "u-alice".into(),
-            kind: proto::PrincipalKind::User.into(),
-        }),
-        scope: match org {
-            Some(_) => proto::Scope::Org,
-            None => proto::Scope::Personal,
-        }
-        .into(),
-        org_id: org.unwrap_or_default().into(),
-        devices: Some(proto::DeviceSelector {
-            gpu_count: 1,
-            ..Default::default()
-        }),
-        container: Some(proto::ContainerSpec {
-            image: test_image(),
-            // Exits promptly on SIGTERM, as well-behaved workloads do.
-            command: ["sh", "-c", "trap 'exit 0' TERM; sleep 300 & wait"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            ..Default::default()
-        }),
-    }
-}
-
-fn stop(session_id: &str) -> proto::StopRequest {
-    proto::StopRequest {
-        session_id: session_id.into(),
-        principal: None,
-        timeout_seconds: 1,
-    }
+    // Exits promptly on SIGTERM, as well-behaved workloads do.
+    let command = sh("trap 'exit 0' TERM; sleep 300 & wait");
+    launch_as(request_id, "u-alice", org, gpus(1), &command)
 }
 
 async fn link(client: &mut NodeAgentClient<Channel>) -> proto::ControlPlaneLink {
@@ -128,7 +100,7 @@ async fn sessions_are_authorized_reported_released_and_their_usage_delivered() {
     plane
         .wait_for("usage records", |r| delivered_ms(r, &session.id) > 0)
         .await;
-    client.stop(stop(&session.id)).await.unwrap();
+    stop(&mut client, &session.id).await;
     let done = wait_for_session(&mut client, &session.id, ended(proto::EndReason::Stopped)).await;
     let record = plane
         .wait_for("the release", |r| {
@@ -184,12 +156,7 @@ async fn a_denied_authorization_refuses_the_launch_with_the_control_planes_reaso
         .unwrap()
         .into_inner();
     assert!(inventory.devices.iter().all(|d| d.session_id.is_empty()));
-    let running = common::docker(&[
-        "ps",
-        "-q",
-        "--filter",
-        &format!("label=dev.gpuwarden.node={}", daemon.node_id),
-    ]);
+    let running = daemon.running_containers();
     assert!(running.is_empty(), "{running}");
 }
 
@@ -353,7 +320,7 @@ async fn usage_is_delivered_exactly_once_through_outages_a_kill_before_the_ack_a
     let mut client = daemon.client().await;
     wait_linked(&mut client).await;
     for session in &sessions {
-        client.stop(stop(&session.id)).await.unwrap();
+        stop(&mut client, &session.id).await;
     }
     let mut totals = BTreeMap::new();
     for session in &sessions {

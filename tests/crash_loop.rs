@@ -19,12 +19,12 @@ mod invariants;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::launch::{TRAPPED, stop_request, user};
+use common::operator::open_sessions;
 use common::{Daemon, test_image};
 use gpuwarden::api::status::reason_of;
 use gpuwarden::proto;
-use gpuwarden::proto::node_agent_client::NodeAgentClient;
 use tokio::task::JoinSet;
-use tonic::transport::Channel;
 
 const DEFAULT_CYCLES: u64 = 50;
 const DEFAULT_SEED: u64 = 0x6770_7577_6172_6465;
@@ -68,16 +68,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         Err(_) => default,
     }
 }
-
-fn user(subject: &str) -> Option<proto::Principal> {
-    Some(proto::Principal {
-        subject: subject.into(),
-        kind: proto::PrincipalKind::User.into(),
-    })
-}
-
-/// Exits on SIGTERM at once, so a stop ends it within the grace.
-const TRAPPED: &str = "trap 'exit 0' TERM; sleep 600 & wait";
 
 /// A launch request with a random account, device selector and length.
 fn random_launch(rng: &mut Rng, request_id: String) -> proto::LaunchRequest {
@@ -138,19 +128,6 @@ fn random_launch(rng: &mut Rng, request_id: String) -> proto::LaunchRequest {
             ..Default::default()
         }),
     }
-}
-
-async fn open_sessions(client: &mut NodeAgentClient<Channel>) -> Vec<proto::Session> {
-    client
-        .list_sessions(proto::ListSessionsRequest {
-            principal: None,
-            account_id: String::new(),
-            include_ended: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sessions
 }
 
 /// What was under way when a kill landed.
@@ -250,13 +227,7 @@ async fn kill_9_at_random_moments_neither_loses_nor_double_bills_a_second() {
             tasks.spawn(async move {
                 tokio::time::sleep(offset).await;
                 *in_stop.lock().unwrap() += 1;
-                let _ = client
-                    .stop(proto::StopRequest {
-                        session_id: id,
-                        principal: None,
-                        timeout_seconds: 1,
-                    })
-                    .await;
+                let _ = client.stop(stop_request(&id, None)).await;
                 *in_stop.lock().unwrap() -= 1;
             });
         }
@@ -309,11 +280,7 @@ async fn kill_9_at_random_moments_neither_loses_nor_double_bills_a_second() {
         let mut client = client.clone();
         stops.spawn(async move {
             client
-                .stop(proto::StopRequest {
-                    session_id: session.id.clone(),
-                    principal: None,
-                    timeout_seconds: 1,
-                })
+                .stop(stop_request(&session.id, None))
                 .await
                 .map_err(|status| format!("{}: {status}", session.id))
         });

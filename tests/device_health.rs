@@ -10,7 +10,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, fixture, test_image};
+use common::launch::{SLEEP, exact, gpus, launch_request};
+use common::{Daemon, fixture};
 use gpuwarden::api::status::reason_of;
 use gpuwarden::proto;
 use gpuwarden::proto::node_agent_client::NodeAgentClient;
@@ -31,28 +32,6 @@ fn write_events(dir: &Path, events: &str) {
     let temporary = dir.join("host.events.toml.new");
     std::fs::write(&temporary, events).unwrap();
     std::fs::rename(temporary, dir.join("host.events.toml")).unwrap();
-}
-
-fn launch(request_id: &str, device: Option<&str>) -> proto::LaunchRequest {
-    proto::LaunchRequest {
-        request_id: request_id.into(),
-        principal: Some(proto::Principal {
-            subject: "u-alice".into(),
-            kind: proto::PrincipalKind::User.into(),
-        }),
-        scope: proto::Scope::Personal.into(),
-        devices: Some(proto::DeviceSelector {
-            gpu_count: u32::from(device.is_none()),
-            device_uuids: device.map(|d| vec![d.to_owned()]).unwrap_or_default(),
-            ..Default::default()
-        }),
-        container: Some(proto::ContainerSpec {
-            image: test_image(),
-            command: vec!["sleep".into(), "300".into()],
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 async fn health(client: &mut NodeAgentClient<Channel>, uuid: &str) -> Option<proto::DeviceHealth> {
@@ -106,12 +85,12 @@ async fn critical_xids_make_a_device_unhealthy_until_it_recovers_or_is_reset() {
         Some(proto::DeviceHealth::Healthy)
     );
     let status = client
-        .launch(launch("on-a", Some(GPU_A)))
+        .launch(launch_request("on-a", exact(&[GPU_A]), SLEEP))
         .await
         .unwrap_err();
     assert_eq!(reason_of(&status).as_deref(), Some("DEVICE_UNHEALTHY"));
     let any = client
-        .launch(launch("any", None))
+        .launch(launch_request("any", gpus(1), SLEEP))
         .await
         .unwrap()
         .into_inner();
@@ -150,7 +129,7 @@ async fn a_gpu_lost_under_a_session_stays_reported_and_a_rescan_shows_a_changed_
     let mut daemon = Daemon::start(host.to_str().unwrap(), "");
     let mut client = daemon.client().await;
     let session = client
-        .launch(launch("held", Some(GPU_A)))
+        .launch(launch_request("held", exact(&[GPU_A]), SLEEP))
         .await
         .unwrap()
         .into_inner();

@@ -9,22 +9,15 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, docker, gpuwarden, test_image, wait_for_session};
+use common::launch::{SLEEP, exact, gpus, launch_as, sh, stop_request, user};
+use common::operator::open_sessions;
+use common::{Daemon, docker, gpuwarden, wait_for_session};
 use gpuwarden::api::status::reason_of;
 use gpuwarden::proto;
 use gpuwarden::proto::node_agent_client::NodeAgentClient;
 use nix::sys::signal::Signal;
-use tonic::transport::Channel;
 
 const GPU7: &str = "GPU-6a5da790-0728-45bf-9407-3e280f594b6d";
-const SLEEP: &[&str] = &["sleep", "300"];
-
-fn user(subject: &str) -> Option<proto::Principal> {
-    Some(proto::Principal {
-        subject: subject.into(),
-        kind: proto::PrincipalKind::User.into(),
-    })
-}
 
 /// A launch of one device (`device_uuids` empty: any full GPU).
 fn launch(
@@ -33,34 +26,12 @@ fn launch(
     org: Option<&str>,
     device_uuids: &[&str],
 ) -> proto::LaunchRequest {
-    proto::LaunchRequest {
-        request_id: request_id.into(),
-        principal: user(subject),
-        scope: match org {
-            Some(_) => proto::Scope::Org,
-            None => proto::Scope::Personal,
-        }
-        .into(),
-        org_id: org.unwrap_or_default().into(),
-        devices: Some(proto::DeviceSelector {
-            gpu_count: u32::from(device_uuids.is_empty()),
-            device_uuids: device_uuids.iter().map(|d| d.to_string()).collect(),
-            ..Default::default()
-        }),
-        container: Some(proto::ContainerSpec {
-            image: test_image(),
-            command: SLEEP.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }),
-    }
-}
-
-fn stop(session_id: &str, subject: &str) -> proto::StopRequest {
-    proto::StopRequest {
-        session_id: session_id.into(),
-        principal: user(subject),
-        timeout_seconds: 1,
-    }
+    let devices = if device_uuids.is_empty() {
+        gpus(1)
+    } else {
+        exact(device_uuids)
+    };
+    launch_as(request_id, subject, org, devices, SLEEP)
 }
 
 /// Writes `text` as a file in `dir` and returns its path.
@@ -87,19 +58,6 @@ fn many_gpus(dir: &Path, count: usize) -> PathBuf {
 
 fn policy_section(path: &Path) -> String {
     format!("[policy]\nfile = \"{}\"\n", path.display())
-}
-
-async fn open_sessions(client: &mut NodeAgentClient<Channel>) -> Vec<proto::Session> {
-    client
-        .list_sessions(proto::ListSessionsRequest {
-            principal: None,
-            account_id: String::new(),
-            include_ended: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sessions
 }
 
 #[tokio::test]
@@ -149,18 +107,13 @@ members = [{ user = "u-alice", role = "owner" }, { user = "u-bob", role = "membe
     );
     let mut client = NodeAgentClient::new(channel);
     assert_eq!(open_sessions(&mut client).await.len(), 10);
-    let running = docker(&[
-        "ps",
-        "-q",
-        "--filter",
-        &format!("label=dev.gpuwarden.node={}", daemon.node_id),
-    ]);
+    let running = daemon.running_containers();
     assert_eq!(running.lines().count(), 10);
 
     // A slot frees when a session ends.
     let first = results.iter().find_map(|r| r.as_ref().ok()).unwrap();
     client
-        .stop(stop(&first.get_ref().id, "u-alice"))
+        .stop(stop_request(&first.get_ref().id, user("u-alice")))
         .await
         .unwrap();
     client
@@ -213,12 +166,13 @@ balance = 0.3
         .unwrap()
         .into_inner();
     // A workload that exits on SIGTERM, as well-behaved ones do.
-    let mut request = launch("dave-1", "u-dave", None, &[]);
-    request.container.as_mut().unwrap().command =
-        ["sh", "-c", "trap 'exit 0' TERM; sleep 300 & wait"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    let request = launch_as(
+        "dave-1",
+        "u-dave",
+        None,
+        gpus(1),
+        &sh("trap 'exit 0' TERM; sleep 300 & wait"),
+    );
     let session = client.launch(request).await.unwrap().into_inner();
 
     let ended = wait_for_session(&mut client, &session.id, |s| {
@@ -389,18 +343,27 @@ async fn roles_reservations_and_balances_of_the_example_policy_are_enforced_and_
     );
 
     // Who may stop what.
-    let status = client.stop(stop(&alices.id, "u-bob")).await.unwrap_err();
+    let status = client
+        .stop(stop_request(&alices.id, user("u-bob")))
+        .await
+        .unwrap_err();
     assert_eq!(reason_of(&status).as_deref(), Some("ROLE_FORBIDDEN"));
-    let status = client.stop(stop(&bobs.id, "u-carol")).await.unwrap_err();
+    let status = client
+        .stop(stop_request(&bobs.id, user("u-carol")))
+        .await
+        .unwrap_err();
     assert_eq!(reason_of(&status).as_deref(), Some("ROLE_FORBIDDEN"));
     // Carol administers acme, so acme's sessions and its sub-account's.
     let stopped = client
-        .stop(stop(&alices.id, "u-carol"))
+        .stop(stop_request(&alices.id, user("u-carol")))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(stopped.state, proto::SessionState::Ended as i32);
-    client.stop(stop(&second.id, "u-carol")).await.unwrap();
+    client
+        .stop(stop_request(&second.id, user("u-carol")))
+        .await
+        .unwrap();
     // Bob lists his own sessions only when looking at acme.
     let listed = client
         .list_sessions(proto::ListSessionsRequest {

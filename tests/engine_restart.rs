@@ -30,7 +30,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, docker, test_image};
+use common::launch::{TRAPPED, gpus, launch_request, sh, stop_request};
+use common::operator::{get, open_sessions, stop, until_ended};
+use common::{Daemon, docker, docker_time};
 use gpuwarden::api::status::reason_of;
 use gpuwarden::clock::UnixNanos;
 use gpuwarden::proto;
@@ -40,8 +42,6 @@ use nix::unistd::Pid;
 use tonic::transport::Channel;
 
 const LIVE_RESTORE: &str = "--live-restore";
-/// Exits on SIGTERM at once: the engine's own shutdown stops it quickly.
-const TRAPPED: &str = "trap 'exit 0' TERM; sleep 600 & wait";
 /// How long the engine may take to stop or to answer after a start.
 const ENGINE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -279,85 +279,19 @@ impl Drop for EngineGuard {
     }
 }
 
-fn alice() -> Option<proto::Principal> {
-    Some(proto::Principal {
-        subject: "u-alice".into(),
-        kind: proto::PrincipalKind::User.into(),
-    })
-}
-
-fn request(request_id: &str, gpus: u32, script: &str) -> proto::LaunchRequest {
-    proto::LaunchRequest {
-        request_id: request_id.into(),
-        principal: alice(),
-        scope: proto::Scope::Personal.into(),
-        org_id: String::new(),
-        devices: Some(proto::DeviceSelector {
-            gpu_count: gpus,
-            ..Default::default()
-        }),
-        container: Some(proto::ContainerSpec {
-            image: test_image(),
-            command: vec!["sh".into(), "-c".into(), script.into()],
-            ..Default::default()
-        }),
-    }
-}
-
 async fn launch(
     client: &mut NodeAgentClient<Channel>,
     request_id: &str,
-    gpus: u32,
+    count: u32,
     script: &str,
 ) -> proto::Session {
     let session = client
-        .launch(request(request_id, gpus, script))
+        .launch(launch_request(request_id, gpus(count), &sh(script)))
         .await
         .unwrap_or_else(|status| panic!("launch {request_id}: {status:?}"))
         .into_inner();
     assert_eq!(session.state(), proto::SessionState::Running, "{session:?}");
     session
-}
-
-async fn get(client: &mut NodeAgentClient<Channel>, id: &str) -> proto::Session {
-    client
-        .get_session(proto::GetSessionRequest {
-            session_id: id.into(),
-            principal: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-/// Polls until the session ends, bounded by `within`.
-async fn until_ended(
-    client: &mut NodeAgentClient<Channel>,
-    id: &str,
-    within: Duration,
-) -> proto::Session {
-    let deadline = Instant::now() + within;
-    loop {
-        let session = get(client, id).await;
-        if session.state() == proto::SessionState::Ended {
-            return session;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "session {id} did not end within {within:?}: {session:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn docker_finished_at(container: &str) -> UnixNanos {
-    UnixNanos::parse_rfc3339(&docker(&[
-        "inspect",
-        "-f",
-        "{{.State.FinishedAt}}",
-        container,
-    ]))
-    .unwrap()
 }
 
 fn docker_running(container: &str) -> bool {
@@ -371,7 +305,7 @@ fn now() -> UnixNanos {
 /// A launch while the engine is away is refused, and says why.
 async fn refused_while_away(client: &mut NodeAgentClient<Channel>, request_id: &str) {
     let status = client
-        .launch(request(request_id, 1, TRAPPED))
+        .launch(launch_request(request_id, gpus(1), &sh(TRAPPED)))
         .await
         .unwrap_err();
     assert_eq!(
@@ -394,20 +328,8 @@ async fn events_followed(client: &mut NodeAgentClient<Channel>, tag: &str) -> Du
     let ended = until_ended(client, &second.id, Duration::from_secs(10)).await;
     let seen = now();
     assert_eq!(ended.end_reason(), proto::EndReason::Exited, "{ended:?}");
-    let finished = docker_finished_at(&second.container_id);
+    let finished = docker_time(&second.container_id, "FinishedAt");
     Duration::from_nanos(u64::try_from(seen.0 - finished.0).unwrap_or(0))
-}
-
-async fn stop(client: &mut NodeAgentClient<Channel>, id: &str) -> proto::Session {
-    client
-        .stop(proto::StopRequest {
-            session_id: id.into(),
-            principal: None,
-            timeout_seconds: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,7 +393,7 @@ async fn the_agent_follows_the_engine_through_restarts_with_and_without_live_res
         assert_eq!(ended.end_reason(), proto::EndReason::Exited, "{ended:?}");
         assert_eq!(
             ended.ended_at.map(|t| UnixNanos::from_timestamp(&t)),
-            Some(docker_finished_at(&session.container_id)),
+            Some(docker_time(&session.container_id, "FinishedAt")),
             "ended at Docker's FinishedAt"
         );
     }
@@ -493,14 +415,7 @@ async fn the_agent_follows_the_engine_through_restarts_with_and_without_live_res
     refused_while_away(&mut ca, "l-away").await;
     // A stop asked for while the engine is away cannot be carried out now:
     // the caller hears why, and the agent carries it out once it is back.
-    let status = ca
-        .stop(proto::StopRequest {
-            session_id: l2.id.clone(),
-            principal: None,
-            timeout_seconds: 1,
-        })
-        .await
-        .unwrap_err();
+    let status = ca.stop(stop_request(&l2.id, None)).await.unwrap_err();
     assert_eq!(
         reason_of(&status).as_deref(),
         Some("CONTAINER_ENGINE_UNAVAILABLE"),
@@ -527,11 +442,11 @@ async fn the_agent_follows_the_engine_through_restarts_with_and_without_live_res
     );
     assert_eq!(
         l2_ended.ended_at.map(|t| UnixNanos::from_timestamp(&t)),
-        Some(docker_finished_at(&l2.container_id))
+        Some(docker_time(&l2.container_id, "FinishedAt"))
     );
     let e1_ended = until_ended(&mut ca, &e1.id, Duration::from_secs(60)).await;
     assert_eq!(e1_ended.end_reason(), proto::EndReason::Exited);
-    let e1_finished = docker_finished_at(&e1.container_id);
+    let e1_finished = docker_time(&e1.container_id, "FinishedAt");
     assert_eq!(
         e1_ended.ended_at.map(|t| UnixNanos::from_timestamp(&t)),
         Some(e1_finished)
@@ -566,16 +481,7 @@ async fn the_agent_follows_the_engine_through_restarts_with_and_without_live_res
     stop(&mut cb, &bl1.id).await;
     for daemon in [&mut a, &mut b] {
         let mut client = daemon.client().await;
-        let open = client
-            .list_sessions(proto::ListSessionsRequest {
-                principal: None,
-                account_id: String::new(),
-                include_ended: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .sessions;
+        let open = open_sessions(&mut client).await;
         assert!(open.is_empty(), "{open:?}");
         daemon.signal(Signal::SIGTERM);
         daemon.wait(Duration::from_secs(20)).await;

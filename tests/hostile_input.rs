@@ -21,7 +21,8 @@ mod fuzz_checks;
 
 use std::path::{Path, PathBuf};
 
-use common::{Daemon, docker, test_image};
+use common::Daemon;
+use common::launch::{SLEEP, exact, gpus, launch_request};
 use gpuwarden::api::status::reason_of;
 use gpuwarden::proto;
 use gpuwarden::proto::node_agent_client::NodeAgentClient;
@@ -36,30 +37,9 @@ use tonic_types::StatusExt;
 /// tonic's default limit on a decoded request, which the agent keeps.
 const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
-fn alice() -> Option<proto::Principal> {
-    Some(proto::Principal {
-        subject: "u-alice".into(),
-        kind: proto::PrincipalKind::User.into(),
-    })
-}
-
 /// A launch the daemon would accept (one GPU of the H100 pair, personal).
 fn good_request(request_id: &str) -> proto::LaunchRequest {
-    proto::LaunchRequest {
-        request_id: request_id.into(),
-        principal: alice(),
-        scope: proto::Scope::Personal.into(),
-        org_id: String::new(),
-        devices: Some(proto::DeviceSelector {
-            gpu_count: 1,
-            ..Default::default()
-        }),
-        container: Some(proto::ContainerSpec {
-            image: test_image(),
-            command: vec!["sleep".into(), "300".into()],
-            ..Default::default()
-        }),
-    }
+    launch_request(request_id, gpus(1), SLEEP)
 }
 
 fn container(request: &mut proto::LaunchRequest) -> &mut proto::ContainerSpec {
@@ -94,12 +74,7 @@ fn assert_invalid(status: &Status, reason: &str, hint: &str, case: &str) {
 }
 
 fn no_containers(daemon: &Daemon) {
-    let containers = docker(&[
-        "ps",
-        "-aq",
-        "--filter",
-        &format!("label=dev.gpuwarden.node={}", daemon.node_id),
-    ]);
+    let containers = daemon.all_containers();
     assert!(
         containers.is_empty(),
         "containers were created: {containers}"
@@ -319,13 +294,8 @@ async fn hostile_fields_get_invalid_argument_naming_what_to_change() {
     let mut client = daemon.client().await;
     type Change = Box<dyn FnOnce(&mut proto::LaunchRequest)>;
     let uuids = |list: &[&str]| -> Change {
-        let list: Vec<String> = list.iter().map(|s| s.to_string()).collect();
-        Box::new(move |r| {
-            r.devices = Some(proto::DeviceSelector {
-                device_uuids: list,
-                ..Default::default()
-            })
-        })
+        let devices = exact(list);
+        Box::new(move |r| r.devices = Some(devices))
     };
     let volume = |name: &str, target: &str| -> Change {
         let mount = proto::VolumeMount {
@@ -586,10 +556,7 @@ async fn hostile_fields_get_invalid_argument_naming_what_to_change() {
 
     // A well-formed UUID this node does not have is NOT_FOUND, naming it.
     let mut request = good_request("unknown-uuid");
-    request.devices = Some(proto::DeviceSelector {
-        device_uuids: vec!["GPU-00000000-0000-0000-0000-000000000000".into()],
-        ..Default::default()
-    });
+    request.devices = Some(exact(&["GPU-00000000-0000-0000-0000-000000000000"]));
     let status = client.launch(request).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     assert_eq!(reason_of(&status).as_deref(), Some("UNKNOWN_DEVICE"));

@@ -14,6 +14,7 @@ mod common;
 
 use std::process::Command;
 
+use common::launch::{exact, gpus, launch_as, sh};
 use common::{Daemon, docker, test_image, wait_for_session};
 use gpuwarden::api::status::reason_of;
 use gpuwarden::proto;
@@ -26,53 +27,6 @@ use tonic_types::StatusExt;
 /// GPU 7 of the DGX fixture, reserved for org acme by the example policy.
 const GPU7: &str = "GPU-6a5da790-0728-45bf-9407-3e280f594b6d";
 const MIG_3G: &str = "MIG-9346009d-10be-482f-b6aa-079b9d66247a";
-
-fn user(subject: &str) -> Option<proto::Principal> {
-    Some(proto::Principal {
-        subject: subject.into(),
-        kind: proto::PrincipalKind::User.into(),
-    })
-}
-
-fn request(
-    request_id: &str,
-    subject: &str,
-    org: Option<&str>,
-    devices: proto::DeviceSelector,
-    command: &[&str],
-) -> proto::LaunchRequest {
-    proto::LaunchRequest {
-        request_id: request_id.into(),
-        principal: user(subject),
-        scope: if org.is_some() {
-            proto::Scope::Org
-        } else {
-            proto::Scope::Personal
-        }
-        .into(),
-        org_id: org.unwrap_or_default().into(),
-        devices: Some(devices),
-        container: Some(proto::ContainerSpec {
-            image: test_image(),
-            command: command.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }),
-    }
-}
-
-fn gpus(count: u32) -> proto::DeviceSelector {
-    proto::DeviceSelector {
-        gpu_count: count,
-        ..Default::default()
-    }
-}
-
-fn exact(uuids: &[&str]) -> proto::DeviceSelector {
-    proto::DeviceSelector {
-        device_uuids: uuids.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
 
 fn unique(prefix: &str) -> String {
     format!(
@@ -148,7 +102,7 @@ async fn every_escape_variant_is_refused_naming_the_option_and_creates_nothing()
     // Another session's container: joining its namespaces would be an
     // escape into another account's session.
     let neighbour = client
-        .launch(request(
+        .launch(launch_as(
             "neighbour",
             "u-bob",
             None,
@@ -334,7 +288,7 @@ async fn every_escape_variant_is_refused_naming_the_option_and_creates_nothing()
         ),
     ];
     for (i, (option, variable, change)) in cases.into_iter().enumerate() {
-        let mut launch = request(&format!("escape-{i}"), "u-alice", None, gpus(1), &["true"]);
+        let mut launch = launch_as(&format!("escape-{i}"), "u-alice", None, gpus(1), &["true"]);
         change(launch.container.as_mut().unwrap());
         let status = client.launch(launch).await.unwrap_err();
         assert_eq!(
@@ -368,12 +322,7 @@ async fn every_escape_variant_is_refused_naming_the_option_and_creates_nothing()
         );
     }
     // Only the neighbour's container exists.
-    let containers = docker(&[
-        "ps",
-        "-aq",
-        "--filter",
-        &format!("label=dev.gpuwarden.node={}", daemon.node_id),
-    ]);
+    let containers = daemon.all_containers();
     assert_eq!(containers.lines().count(), 1, "{containers}");
 }
 
@@ -403,7 +352,7 @@ async fn an_accepted_container_is_held_by_docker_free_of_every_escape() {
 
     let mut daemon = Daemon::start("sim-dgx-a100.toml", "");
     let mut client = daemon.client().await;
-    let mut launch = request(
+    let mut launch = launch_as(
         "clean",
         "u-alice",
         None,
@@ -537,7 +486,7 @@ async fn a_second_account_cannot_reach_the_first_accounts_volume() {
     let mut daemon = Daemon::start("sim-h100-pair.toml", "");
     let mut client = daemon.client().await;
     let with_volume = |id: &str, subject: &str, org: Option<&str>, script: &str| {
-        let mut launch = request(id, subject, org, gpus(1), &["sh", "-c", script]);
+        let mut launch = launch_as(id, subject, org, gpus(1), &sh(script));
         launch.container.as_mut().unwrap().volumes = vec![proto::VolumeMount {
             name: name.clone(),
             target: "/data".into(),
@@ -646,7 +595,7 @@ async fn another_orgs_reserved_device_is_out_of_reach_however_it_is_asked_for() 
     // Org tiny (Carol owns it) names acme's reserved GPU: refused, without
     // naming the org it is reserved for.
     let status = client
-        .launch(request(
+        .launch(launch_as(
             "tiny-gpu7",
             "u-carol",
             Some("tiny"),
@@ -665,7 +614,7 @@ async fn another_orgs_reserved_device_is_out_of_reach_however_it_is_asked_for() 
     assert!(!status.message().contains("acme"), "{}", status.message());
     // Alice owns acme, but her personal session is not acme's.
     let status = client
-        .launch(request(
+        .launch(launch_as(
             "alice-gpu7",
             "u-alice",
             None,
@@ -678,7 +627,7 @@ async fn another_orgs_reserved_device_is_out_of_reach_however_it_is_asked_for() 
 
     // Asking for every full GPU leaves the reserved one out.
     let status = client
-        .launch(request(
+        .launch(launch_as(
             "tiny-all",
             "u-carol",
             Some("tiny"),
@@ -697,7 +646,7 @@ async fn another_orgs_reserved_device_is_out_of_reach_however_it_is_asked_for() 
         status.message()
     );
     let five = client
-        .launch(request(
+        .launch(launch_as(
             "tiny-five",
             "u-carol",
             Some("tiny"),
@@ -716,7 +665,7 @@ async fn another_orgs_reserved_device_is_out_of_reach_however_it_is_asked_for() 
 
     // acme itself gets it, billed to the reservation.
     let acme = client
-        .launch(request(
+        .launch(launch_as(
             "acme-gpu7",
             "u-alice",
             Some("acme"),
@@ -739,7 +688,7 @@ async fn a_request_id_of_another_account_returns_nothing_of_its_session() {
     let mut daemon = Daemon::start("sim-h100-pair.toml", "");
     let mut client = daemon.client().await;
     let alice = client
-        .launch(request(
+        .launch(launch_as(
             "shared-key",
             "u-alice",
             None,
@@ -750,7 +699,7 @@ async fn a_request_id_of_another_account_returns_nothing_of_its_session() {
         .unwrap()
         .into_inner();
     let status = client
-        .launch(request(
+        .launch(launch_as(
             "shared-key",
             "u-bob",
             None,
@@ -773,7 +722,7 @@ async fn a_request_id_of_another_account_returns_nothing_of_its_session() {
     );
     // The same key from the same caller is still the same session.
     let again = client
-        .launch(request(
+        .launch(launch_as(
             "shared-key",
             "u-alice",
             None,

@@ -10,8 +10,9 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::Daemon;
+use common::launch::{SLEEP, launch_request};
 use common::tls::free_port;
-use common::{Daemon, test_image};
 use gpuwarden::proto;
 
 /// A plain HTTP/1.1 GET; returns the status code and the body.
@@ -72,25 +73,15 @@ async fn daemon_with_a_session() -> (Daemon, u16) {
     );
     let mut client = daemon.client().await;
     client
-        .launch(proto::LaunchRequest {
-            request_id: "metered".into(),
-            principal: Some(proto::Principal {
-                subject: "u-alice".into(),
-                kind: proto::PrincipalKind::User.into(),
-            }),
-            scope: proto::Scope::Personal.into(),
-            devices: Some(proto::DeviceSelector {
+        .launch(launch_request(
+            "metered",
+            proto::DeviceSelector {
                 mig_profile: "1g.10gb".into(),
                 mig_count: 1,
                 ..Default::default()
-            }),
-            container: Some(proto::ContainerSpec {
-                image: test_image(),
-                command: vec!["sleep".into(), "300".into()],
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
+            },
+            SLEEP,
+        ))
         .await
         .unwrap();
     (daemon, port)

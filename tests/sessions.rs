@@ -10,7 +10,9 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, docker, test_image, wait_for_session};
+use common::launch::{SLEEP, alice, exact, gpus, launch_request, stop_request};
+use common::operator::{all_sessions, open_sessions, stop};
+use common::{Daemon, docker, docker_time, test_image, wait_for_session};
 use gpuwarden::api::status::reason_of;
 use gpuwarden::clock::UnixNanos;
 use gpuwarden::proto;
@@ -22,48 +24,6 @@ use tonic::transport::Channel;
 const MIG_3G: &str = "MIG-9346009d-10be-482f-b6aa-079b9d66247a";
 const GPU7: &str = "GPU-6a5da790-0728-45bf-9407-3e280f594b6d";
 
-fn alice() -> Option<proto::Principal> {
-    Some(proto::Principal {
-        subject: "u-alice".into(),
-        kind: proto::PrincipalKind::User.into(),
-    })
-}
-
-fn launch_request(
-    request_id: &str,
-    devices: proto::DeviceSelector,
-    command: &[&str],
-) -> proto::LaunchRequest {
-    proto::LaunchRequest {
-        request_id: request_id.into(),
-        principal: alice(),
-        scope: proto::Scope::Personal.into(),
-        org_id: String::new(),
-        devices: Some(devices),
-        container: Some(proto::ContainerSpec {
-            image: test_image(),
-            command: command.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }),
-    }
-}
-
-fn gpus(count: u32) -> proto::DeviceSelector {
-    proto::DeviceSelector {
-        gpu_count: count,
-        ..Default::default()
-    }
-}
-
-fn exact(uuids: &[&str]) -> proto::DeviceSelector {
-    proto::DeviceSelector {
-        device_uuids: uuids.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
-
-const SLEEP: &[&str] = &["sleep", "300"];
-
 async fn get(client: &mut NodeAgentClient<Channel>, id: &str) -> proto::Session {
     client
         .get_session(proto::GetSessionRequest {
@@ -73,16 +33,6 @@ async fn get(client: &mut NodeAgentClient<Channel>, id: &str) -> proto::Session 
         .await
         .unwrap()
         .into_inner()
-}
-
-fn docker_time(container: &str, field: &str) -> UnixNanos {
-    let text = docker(&[
-        "inspect",
-        "-f",
-        &format!("{{{{.State.{field}}}}}"),
-        container,
-    ]);
-    UnixNanos::parse_rfc3339(&text).unwrap()
 }
 
 fn nanos(at: &Option<prost_types::Timestamp>) -> UnixNanos {
@@ -161,11 +111,7 @@ async fn the_container_sees_exactly_its_devices_and_carries_the_session_labels()
     assert_eq!(device.session_id, session.id);
 
     let stopped = client
-        .stop(proto::StopRequest {
-            session_id: session.id.clone(),
-            principal: alice(),
-            timeout_seconds: 1,
-        })
+        .stop(stop_request(&session.id, alice()))
         .await
         .unwrap()
         .into_inner();
@@ -219,12 +165,7 @@ async fn concurrent_launches_never_share_a_device() {
         }
     }
     assert_eq!(started, 6);
-    let running = docker(&[
-        "ps",
-        "-q",
-        "--filter",
-        &format!("label=dev.gpuwarden.node={}", daemon.node_id),
-    ]);
+    let running = daemon.running_containers();
     assert_eq!(running.lines().count(), 6);
 }
 
@@ -253,12 +194,7 @@ async fn a_repeated_request_id_returns_the_first_session_and_never_a_second_cont
         .unwrap()
         .into_inner();
     assert!(ids.contains(&again.id));
-    let containers = docker(&[
-        "ps",
-        "-aq",
-        "--filter",
-        &format!("label=dev.gpuwarden.node={}", daemon.node_id),
-    ]);
+    let containers = daemon.all_containers();
     assert_eq!(containers.lines().count(), 1);
 }
 
@@ -318,12 +254,7 @@ async fn forbidden_options_are_refused_naming_the_option_and_create_nothing() {
             Some(option)
         );
     }
-    let containers = docker(&[
-        "ps",
-        "-aq",
-        "--filter",
-        &format!("label=dev.gpuwarden.node={}", daemon.node_id),
-    ]);
+    let containers = daemon.all_containers();
     assert!(containers.is_empty(), "{containers}");
 }
 
@@ -347,12 +278,7 @@ async fn a_failed_launch_leaks_neither_devices_nor_containers() {
         .unwrap()
         .into_inner();
     assert_eq!(session.device_uuids.len(), 2);
-    let containers = docker(&[
-        "ps",
-        "-aq",
-        "--filter",
-        &format!("label=dev.gpuwarden.node={}", daemon.node_id),
-    ]);
+    let containers = daemon.all_containers();
     assert_eq!(containers.lines().count(), 1);
 }
 
@@ -531,17 +457,9 @@ async fn an_unknown_labelled_container_is_reported_not_billed_or_killed_and_keep
             "true"
         );
     }
-    let sessions = client
-        .list_sessions(proto::ListSessionsRequest {
-            principal: None,
-            account_id: String::new(),
-            include_ended: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let sessions = all_sessions(&mut client).await;
     assert!(
-        sessions.sessions.is_empty(),
+        sessions.is_empty(),
         "a stray container was taken for a session"
     );
 
@@ -576,25 +494,9 @@ async fn the_operator_sees_and_stops_any_session_and_unknown_ids_are_not_found()
         .unwrap()
         .into_inner();
     // The Unix socket is the operator's: it may see everything...
-    let listed = client
-        .list_sessions(proto::ListSessionsRequest {
-            principal: None,
-            account_id: String::new(),
-            include_ended: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(listed.sessions.len(), 1);
-    let stopped = client
-        .stop(proto::StopRequest {
-            session_id: session.id.clone(),
-            principal: None,
-            timeout_seconds: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = open_sessions(&mut client).await;
+    assert_eq!(listed.len(), 1);
+    let stopped = stop(&mut client, &session.id).await;
     assert!(ended(&stopped));
     let missing = client
         .get_session(proto::GetSessionRequest {

@@ -29,7 +29,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, docker, test_image};
+use common::launch::{TRAPPED, gpus, launch_request, sh};
+use common::operator::{get, stop, until_ended};
+use common::{Daemon, docker, docker_time};
 use gpuwarden::api::status::reason_of;
 use gpuwarden::clock::UnixNanos;
 use gpuwarden::proto;
@@ -37,7 +39,6 @@ use gpuwarden::proto::node_agent_client::NodeAgentClient;
 use nix::sys::signal::Signal;
 use tonic::transport::Channel;
 
-const TRAPPED: &str = "trap 'exit 0' TERM; sleep 600 & wait";
 const CHECKPOINTS: &str = "[metering]\ncheckpoint_seconds = 1\n";
 
 /// Runs a command; its stdout, or what went wrong.
@@ -94,82 +95,26 @@ async fn daemon_on(
     Ok((daemon, mounted))
 }
 
-fn alice() -> Option<proto::Principal> {
-    Some(proto::Principal {
-        subject: "u-alice".into(),
-        kind: proto::PrincipalKind::User.into(),
-    })
-}
-
-fn request(request_id: &str, script: &str) -> proto::LaunchRequest {
-    proto::LaunchRequest {
-        request_id: request_id.into(),
-        principal: alice(),
-        scope: proto::Scope::Personal.into(),
-        org_id: String::new(),
-        devices: Some(proto::DeviceSelector {
-            gpu_count: 1,
-            ..Default::default()
-        }),
-        container: Some(proto::ContainerSpec {
-            image: test_image(),
-            command: vec!["sh".into(), "-c".into(), script.into()],
-            ..Default::default()
-        }),
-    }
-}
-
 async fn launch(
     client: &mut NodeAgentClient<Channel>,
     request_id: &str,
     script: &str,
 ) -> proto::Session {
     client
-        .launch(request(request_id, script))
+        .launch(launch_request(request_id, gpus(1), &sh(script)))
         .await
         .unwrap_or_else(|status| panic!("launch {request_id}: {status:?}"))
         .into_inner()
-}
-
-async fn get(client: &mut NodeAgentClient<Channel>, id: &str) -> proto::Session {
-    client
-        .get_session(proto::GetSessionRequest {
-            session_id: id.into(),
-            principal: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn until_ended(client: &mut NodeAgentClient<Channel>, id: &str) -> proto::Session {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let session = get(client, id).await;
-        if session.state() == proto::SessionState::Ended {
-            return session;
-        }
-        assert!(Instant::now() < deadline, "never ended: {session:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn stop(client: &mut NodeAgentClient<Channel>, id: &str) {
-    client
-        .stop(proto::StopRequest {
-            session_id: id.into(),
-            principal: None,
-            timeout_seconds: 1,
-        })
-        .await
-        .unwrap();
 }
 
 /// The launch is refused because the ledger cannot take it, and leaves no
 /// container behind.
 async fn refused_unmetered(daemon: &Daemon, client: &mut NodeAgentClient<Channel>, id: &str) {
     let before = containers_of(daemon);
-    let status = client.launch(request(id, TRAPPED)).await.unwrap_err();
+    let status = client
+        .launch(launch_request(id, gpus(1), &sh(TRAPPED)))
+        .await
+        .unwrap_err();
     assert_eq!(
         reason_of(&status).as_deref(),
         Some("LEDGER_UNAVAILABLE"),
@@ -184,24 +129,7 @@ async fn refused_unmetered(daemon: &Daemon, client: &mut NodeAgentClient<Channel
 }
 
 fn containers_of(daemon: &Daemon) -> usize {
-    docker(&[
-        "ps",
-        "-aq",
-        "--filter",
-        &format!("label=dev.gpuwarden.node={}", daemon.node_id),
-    ])
-    .lines()
-    .count()
-}
-
-fn docker_finished_at(container: &str) -> UnixNanos {
-    UnixNanos::parse_rfc3339(&docker(&[
-        "inspect",
-        "-f",
-        "{{.State.FinishedAt}}",
-        container,
-    ]))
-    .unwrap()
+    daemon.all_containers().lines().count()
 }
 
 async fn until_exited(container: &str) {
@@ -236,11 +164,11 @@ async fn recovered(
     outage: Duration,
     tag: &str,
 ) -> proto::Session {
-    let ended = until_ended(client, &exited.id).await;
+    let ended = until_ended(client, &exited.id, Duration::from_secs(30)).await;
     assert_eq!(ended.end_reason(), proto::EndReason::Exited, "{ended:?}");
     assert_eq!(
         ended.ended_at.map(|t| UnixNanos::from_timestamp(&t)),
-        Some(docker_finished_at(&exited.container_id)),
+        Some(docker_time(&exited.container_id, "FinishedAt")),
         "ended at Docker's FinishedAt"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -343,7 +271,7 @@ async fn a_full_state_directory_refuses_launches_and_loses_no_second() {
     daemon.restart();
     let mut client = daemon.client().await;
     let status = client
-        .launch(request("full-restarted", TRAPPED))
+        .launch(launch_request("full-restarted", gpus(1), &sh(TRAPPED)))
         .await
         .unwrap_err();
     assert_eq!(
@@ -374,7 +302,10 @@ async fn a_full_state_directory_refuses_launches_and_loses_no_second() {
     std::fs::remove_file(&filler).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let resumed = loop {
-        match client.launch(request("full-resumed", TRAPPED)).await {
+        match client
+            .launch(launch_request("full-resumed", gpus(1), &sh(TRAPPED)))
+            .await
+        {
             Ok(session) => break session.into_inner(),
             Err(status) => {
                 assert_eq!(

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::launch::{SLEEP, gpus, launch_request};
 use common::{BIN, Daemon};
 use gpuwarden::api::client;
 use gpuwarden::proto;
@@ -110,24 +111,11 @@ async fn the_daemon_tells_systemd_ready_status_watchdog_reloading_and_stopping()
 
     // STATUS= follows the sessions.
     let session = agent
-        .launch(proto::LaunchRequest {
-            request_id: format!("notify-{}", uuid::Uuid::new_v4()),
-            principal: Some(proto::Principal {
-                subject: "u-alice".into(),
-                kind: proto::PrincipalKind::User.into(),
-            }),
-            scope: proto::Scope::Personal.into(),
-            devices: Some(proto::DeviceSelector {
-                gpu_count: 1,
-                ..Default::default()
-            }),
-            container: Some(proto::ContainerSpec {
-                image: common::test_image(),
-                command: vec!["sleep".into(), "300".into()],
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
+        .launch(launch_request(
+            &format!("notify-{}", uuid::Uuid::new_v4()),
+            gpus(1),
+            SLEEP,
+        ))
         .await
         .unwrap()
         .into_inner();

@@ -2,6 +2,8 @@
 //! temporary state folder, reached over its real Unix socket.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod launch;
+pub mod operator;
 pub mod plane;
 pub mod tls;
 
@@ -10,6 +12,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use gpuwarden::api::client;
+use gpuwarden::clock::UnixNanos;
 use gpuwarden::proto;
 use gpuwarden::proto::node_agent_client::NodeAgentClient;
 use nix::sys::signal::{Signal, kill};
@@ -147,6 +150,27 @@ impl Daemon {
         }
     }
 
+    /// `docker ps -q` of this daemon's containers: the ids of those that
+    /// run, one a line.
+    pub fn running_containers(&self) -> String {
+        self.containers("-q")
+    }
+
+    /// `docker ps -aq` of this daemon's containers: the ids of all of them,
+    /// running or not, one a line.
+    pub fn all_containers(&self) -> String {
+        self.containers("-aq")
+    }
+
+    fn containers(&self, flags: &str) -> String {
+        docker(&[
+            "ps",
+            flags,
+            "--filter",
+            &format!("label=dev.gpuwarden.node={}", self.node_id),
+        ])
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -209,6 +233,18 @@ pub fn docker(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The time Docker holds as the container's `.State.<field>` (StartedAt,
+/// FinishedAt).
+pub fn docker_time(container: &str, field: &str) -> UnixNanos {
+    let text = docker(&[
+        "inspect",
+        "-f",
+        &format!("{{{{.State.{field}}}}}"),
+        container,
+    ]);
+    UnixNanos::parse_rfc3339(&text).unwrap()
 }
 
 /// Removes every container, running or not, that has `label` (key=value).
