@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Daemon;
-use common::launch::{SLEEP, launch_request};
+use common::launch::{SLEEP, gpus, launch_request};
 use common::tls::free_port;
 use gpuwarden::proto;
 
@@ -85,6 +85,47 @@ async fn daemon_with_a_session() -> (Daemon, u16) {
         .await
         .unwrap();
     (daemon, port)
+}
+
+/// A Launch too large to be read is still a refused launch to monitoring;
+/// an unreadable request to another method is not a launch.
+#[tokio::test]
+async fn a_launch_that_cannot_be_read_counts_as_refused() {
+    let port = free_port();
+    let mut daemon = Daemon::start(
+        "sim-h100-pair.toml",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let mut client = daemon.client().await;
+    let huge = "x".repeat(4 * 1024 * 1024 + 1);
+    let mut request = launch_request("too-large", gpus(1), SLEEP);
+    request
+        .container
+        .as_mut()
+        .unwrap()
+        .env
+        .insert("BIG".into(), huge.clone());
+    let status = client.launch(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let status = client
+        .get_session(proto::GetSessionRequest {
+            session_id: huge,
+            principal: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let (_, text) = http_get(port, "/metrics").unwrap();
+    assert!(
+        text.contains(
+            "gpuwarden_launches_total{result=\"refused\",reason=\"INVALID_REQUEST\"} 1\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("gpuwarden_launch_duration_seconds_count 1\n"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

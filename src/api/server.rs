@@ -4,7 +4,10 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
 
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio_stream::StreamExt as _;
@@ -18,6 +21,7 @@ use tracing::Instrument as _;
 use super::service::NodeAgentService;
 use crate::agent::Agent;
 use crate::config::{ApiConfig, MtlsFiles};
+use crate::metrics::Metrics;
 use crate::proto;
 use crate::proto::node_agent_server::NodeAgentServer;
 
@@ -208,23 +212,77 @@ pub async fn check_tls(files: &MtlsFiles) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Rewrites tonic's answer to a request it could not read into the
-/// agent's INVALID_REQUEST refusal (see `status::unreadable_request`).
-/// Such an answer is trailers-only: tonic puts the status in the headers
-/// and keeps it as an extension, which no successful or streamed response
-/// has, so handlers' answers pass through untouched.
-fn refuse_unreadable_requests(
-    response: http::Response<tonic::body::Body>,
-) -> http::Response<tonic::body::Body> {
-    let Some(refusal) = response
-        .extensions()
-        .get::<tonic::Status>()
-        .and_then(super::status::unreadable_request)
-    else {
-        return response;
-    };
-    tracing::info!(reason = %refusal.reason, message = %refusal.message, "refused a request that could not be read");
-    tonic::Status::from(refusal).into_http()
+/// The path of Launch: a request to it that cannot be read still counts
+/// as a refused launch in the metrics.
+fn launch_path() -> String {
+    format!("/{}/Launch", proto::node_agent_server::SERVICE_NAME)
+}
+
+/// Rewrites tonic's answer to a request it could not read into the agent's
+/// INVALID_REQUEST refusal (see `status::unreadable_request`), and counts
+/// such a Launch as a refused launch. Such an answer is trailers-only: tonic
+/// puts the status in the headers and keeps it as an extension, which no
+/// successful or streamed response has, so handlers' answers pass through
+/// untouched.
+#[derive(Debug, Clone)]
+struct RefuseUnreadable<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+    launch_path: Arc<str>,
+}
+
+#[derive(Debug, Clone)]
+struct RefuseUnreadableLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl<S> tower::Layer<S> for RefuseUnreadableLayer {
+    type Service = RefuseUnreadable<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RefuseUnreadable {
+            inner,
+            metrics: Arc::clone(&self.metrics),
+            launch_path: launch_path().into(),
+        }
+    }
+}
+
+impl<S, B> tower::Service<http::Request<B>> for RefuseUnreadable<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let launch = request.uri().path() == &*self.launch_path;
+        let metrics = Arc::clone(&self.metrics);
+        let began = Instant::now();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            let Some(refusal) = response
+                .extensions()
+                .get::<tonic::Status>()
+                .and_then(super::status::unreadable_request)
+            else {
+                return Ok(response);
+            };
+            tracing::info!(reason = %refusal.reason, message = %refusal.message, "refused a request that could not be read");
+            if launch {
+                metrics.launch(Err(refusal.reason.as_str()), began.elapsed());
+            }
+            Ok(tonic::Status::from(refusal).into_http())
+        })
+    }
 }
 
 impl BoundApi {
@@ -236,6 +294,7 @@ impl BoundApi {
         shutdown: &CancellationToken,
         tasks: &TaskTracker,
     ) -> Result<(), ApiError> {
+        let metrics = Arc::clone(agent.metrics());
         let node_agent = NodeAgentServer::new(NodeAgentService::new(agent, shutdown.clone()));
         let (health, health_service) = tonic_health::server::health_reporter();
         health
@@ -247,9 +306,9 @@ impl BoundApi {
             .build_v1()?;
         let with_services = |server: Server| {
             server
-                .layer(tower::util::MapResponseLayer::new(
-                    refuse_unreadable_requests as fn(_) -> _,
-                ))
+                .layer(RefuseUnreadableLayer {
+                    metrics: Arc::clone(&metrics),
+                })
                 .add_service(node_agent.clone())
                 .add_service(health_service.clone())
                 .add_service(reflection.clone())
