@@ -14,6 +14,7 @@ use tonic::transport::Channel;
 
 use crate::api::{client, status};
 use crate::inventory::InventoryView;
+use crate::metering::Credits;
 use crate::proto;
 use crate::proto::node_agent_client::NodeAgentClient;
 
@@ -276,9 +277,9 @@ pub async fn run(socket: &Path, json: bool, command: Command) -> anyhow::Result<
                 print_json(&json!({
                     "account_id": adjusted.account_id,
                     "adjustment_id": adjusted.adjustment_id,
-                    "added": credits_number(add),
+                    "added": Credits(add).as_f64(),
                     "added_nano_credits": add,
-                    "balance": credits_number(balance),
+                    "balance": Credits(balance).as_f64(),
                     "balance_nano_credits": balance,
                 }))
             } else {
@@ -494,7 +495,7 @@ fn session_json(session: &proto::Session) -> Value {
         "device_seconds": session.device_seconds,
         "gpu_seconds": session.gpu_seconds,
         "billing_path": billing_name(session.billing_path),
-        "cost": credits_number(cost),
+        "cost": Credits(cost).as_f64(),
         "cost_nano_credits": cost,
     })
 }
@@ -581,7 +582,7 @@ fn print_usage(report: &proto::UsageReport, json: bool) -> anyhow::Result<()> {
                     "device_class": line.device_class,
                     "device_seconds": line.device_seconds,
                     "gpu_seconds": line.gpu_seconds,
-                    "cost": credits_number(cost),
+                    "cost": Credits(cost).as_f64(),
                     "cost_nano_credits": cost,
                 })
             })
@@ -594,11 +595,11 @@ fn print_usage(report: &proto::UsageReport, json: bool) -> anyhow::Result<()> {
             "total": {
                 "device_seconds": total_device,
                 "gpu_seconds": total_gpu,
-                "cost": credits_number(total_cost),
+                "cost": Credits(total_cost).as_f64(),
                 "cost_nano_credits": total_cost,
             },
             "billed_account_id": report.billed_account_id,
-            "balance": credits_number(balance),
+            "balance": Credits(balance).as_f64(),
             "balance_nano_credits": balance,
         }));
     }
@@ -706,7 +707,7 @@ fn event_json(event: &proto::Event) -> Value {
             let balance = nanos(e.balance.as_ref());
             json!({
                 "account_id": e.account_id,
-                "balance": credits_number(balance),
+                "balance": Credits(balance).as_f64(),
                 "balance_nano_credits": balance,
                 "session_ids": e.session_ids,
                 "stop_at": rfc3339_millis(e.stop_at),
@@ -982,8 +983,6 @@ fn nanos(credits: Option<&proto::Credits>) -> i64 {
     credits.map_or(0, |c| c.nano_credits)
 }
 
-const NANOS_PER_CREDIT: i64 = 1_000_000_000;
-
 /// Nano-credits as credits with 6 decimals, rounded half away from zero,
 /// in integers (no float rounding on large balances).
 pub fn format_credits(nano_credits: i64) -> String {
@@ -994,12 +993,6 @@ pub fn format_credits(nano_credits: i64) -> String {
         ""
     };
     format!("{sign}{}.{:06}", micro / 1_000_000, micro % 1_000_000)
-}
-
-/// Credits as a JSON number, for scripts that do not need exactness (the
-/// `*_nano_credits` fields are exact).
-fn credits_number(nano_credits: i64) -> f64 {
-    nano_credits as f64 / NANOS_PER_CREDIT as f64
 }
 
 /// A decimal amount of credits (`100`, `0.5`, `-2.25`) to nano-credits,
@@ -1031,7 +1024,7 @@ pub fn parse_credits(text: &str) -> Result<i64, String> {
     };
     let fraction: i64 = format!("{fraction:0<9}").parse().map_err(|_| problem())?;
     let amount = whole
-        .checked_mul(NANOS_PER_CREDIT)
+        .checked_mul(Credits::NANOS_PER_CREDIT)
         .and_then(|n| n.checked_add(fraction))
         .ok_or_else(|| format!("`{text}` is too large"))?;
     Ok(if negative { -amount } else { amount })

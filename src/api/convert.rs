@@ -300,7 +300,8 @@ pub fn session(record: &SessionRecord, now: UnixNanos) -> proto::Session {
     }
 }
 
-fn credits(amount: Credits) -> Option<proto::Credits> {
+/// An amount of credits on the wire.
+pub fn credits(amount: Credits) -> Option<proto::Credits> {
     Some(proto::Credits {
         nano_credits: amount.0,
     })

@@ -256,9 +256,7 @@ impl NodeAgent for NodeAgentService {
             .await?;
         Ok(Response::new(proto::AdjustBalanceResponse {
             account_id: adjust.account_id,
-            balance: Some(proto::Credits {
-                nano_credits: balance.0,
-            }),
+            balance: convert::credits(balance),
             adjustment_id,
         }))
     }

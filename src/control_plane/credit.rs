@@ -146,9 +146,7 @@ pub fn used_units(
         period_end: Some(to.max(from).to_timestamp()),
         device_milliseconds: cuts.iter().map(|c| c.device_ms).sum(),
         gpu_seconds: cuts.iter().map(|c| c.gpu_seconds).sum(),
-        cost: Some(proto::Credits {
-            nano_credits: cuts.iter().map(|c| c.cost).sum::<Credits>().0,
-        }),
+        cost: convert::credits(cuts.iter().map(|c| c.cost).sum::<Credits>()),
     }
 }
 

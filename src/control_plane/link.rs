@@ -313,9 +313,7 @@ fn usage_record(record: &OutboxRecord) -> proto::UsageRecord {
         period_end: Some(record.period_end.to_timestamp()),
         device_milliseconds: record.device_ms,
         gpu_seconds: record.gpu_seconds,
-        cost: Some(proto::Credits {
-            nano_credits: record.cost.0,
-        }),
+        cost: convert::credits(record.cost),
         r#final: record.last,
     }
 }
