@@ -73,7 +73,6 @@ pub struct NewSession {
     pub billed_account_id: String,
     pub owner: Principal,
     pub image: String,
-    pub billing_path: BillingPath,
     pub created_at: UnixNanos,
 }
 
@@ -98,21 +97,12 @@ pub enum BeginError {
 /// that records the launch.
 #[derive(Debug, Clone, Default)]
 pub struct LedgerView {
-    /// Devices held by open sessions.
-    pub held: HashMap<DeviceUuid, SessionId>,
-    /// Open sessions (STARTING, RUNNING, STOPPING).
+    /// Open sessions (STARTING, RUNNING, STOPPING), with the devices they
+    /// hold.
     pub open: Vec<OpenSessionRow>,
-    /// What the ledger moved on each account since its opening balance.
-    pub balance_deltas: HashMap<String, Credits>,
-}
-
-impl LedgerView {
-    pub fn balance_delta(&self, account: &str) -> Credits {
-        self.balance_deltas
-            .get(account)
-            .copied()
-            .unwrap_or_default()
-    }
+    /// What the ledger moved on the launch's billed account since its
+    /// opening balance.
+    pub billed_delta: Credits,
 }
 
 /// An open session as admission counts it.
@@ -121,8 +111,6 @@ pub struct OpenSessionRow {
     pub id: SessionId,
     pub scope: Scope,
     pub account_id: String,
-    pub billed_account_id: String,
-    pub billing_path: BillingPath,
     pub devices: Vec<DeviceUuid>,
 }
 
@@ -130,7 +118,6 @@ pub struct OpenSessionRow {
 #[derive(Debug, Clone)]
 pub struct Admitted {
     pub devices: Vec<(AssignableDevice, Rate)>,
-    pub billed_account_id: String,
     pub billing_path: BillingPath,
 }
 
@@ -140,7 +127,6 @@ text_enum!(
         Launch = "launch",
         Refuse = "refuse",
         Stop = "stop",
-        End = "end",
         AdjustBalance = "adjust_balance",
         Drain = "drain",
         Undrain = "undrain",
@@ -506,20 +492,13 @@ impl Ledger {
                 )));
             }
             let view = LedgerView {
-                held: held_devices(&tx)?,
                 open: open_sessions(&tx)?,
-                balance_deltas: balance_deltas(&tx)?,
+                billed_delta: account_delta(&tx, &new.billed_account_id)?,
             };
             let Admitted {
                 devices,
-                billed_account_id,
                 billing_path,
             } = admit(&view).map_err(Outcome::Other)?;
-            let new = NewSession {
-                billed_account_id,
-                billing_path,
-                ..new
-            };
             tx.execute(
                 &format!("INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, 'starting', ?10, ?11, NULL, NULL, NULL, NULL, '')"),
                 params![
@@ -532,7 +511,7 @@ impl Ledger {
                     new.owner.subject,
                     new.owner.kind.as_str(),
                     new.image,
-                    new.billing_path.as_str(),
+                    billing_path.as_str(),
                     new.created_at.0,
                 ],
             )?;
@@ -1248,7 +1227,7 @@ fn balance_deltas<E>(tx: &Transaction<'_>) -> Result<HashMap<String, Credits>, O
 
 fn open_sessions<E>(tx: &Transaction<'_>) -> Result<Vec<OpenSessionRow>, Outcome<E>> {
     let mut statement = tx.prepare_cached(
-        "SELECT id, scope, account_id, billed_account_id, billing_path FROM sessions WHERE state != 'ended' ORDER BY created_at_ns, id",
+        "SELECT id, scope, account_id FROM sessions WHERE state != 'ended' ORDER BY created_at_ns, id",
     )?;
     let rows = statement
         .query_map([], |row| {
@@ -1256,8 +1235,6 @@ fn open_sessions<E>(tx: &Transaction<'_>) -> Result<Vec<OpenSessionRow>, Outcome
                 row.get::<_, String>(0)?,
                 row.get::<_, String>(1)?,
                 row.get::<_, String>(2)?,
-                row.get::<_, String>(3)?,
-                row.get::<_, String>(4)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
@@ -1265,7 +1242,7 @@ fn open_sessions<E>(tx: &Transaction<'_>) -> Result<Vec<OpenSessionRow>, Outcome
         "SELECT device_uuid FROM session_devices WHERE session_id = ?1 ORDER BY position",
     )?;
     let mut open = Vec::with_capacity(rows.len());
-    for (id, scope, account_id, billed_account_id, path) in rows {
+    for (id, scope, account_id) in rows {
         let uuids = devices
             .query_map(params![id], |row| {
                 Ok(DeviceUuid::new(row.get::<_, String>(0)?))
@@ -1275,9 +1252,6 @@ fn open_sessions<E>(tx: &Transaction<'_>) -> Result<Vec<OpenSessionRow>, Outcome
             id: SessionId(id),
             scope: parsed("scope", &scope, Scope::parse).map_err(Outcome::Corrupt)?,
             account_id,
-            billed_account_id,
-            billing_path: parsed("billing path", &path, BillingPath::parse)
-                .map_err(Outcome::Corrupt)?,
             devices: uuids,
         });
     }

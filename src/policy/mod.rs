@@ -382,6 +382,16 @@ impl Policy {
         tree
     }
 
+    /// `account` and, when it is an org, its sub-accounts (see
+    /// [`Policy::subtree`]): whose sessions and usage count as the account's.
+    pub fn with_sub_accounts(&self, account: &str) -> Vec<String> {
+        let tree = self.subtree(account);
+        if tree.is_empty() {
+            return vec![account.to_owned()];
+        }
+        tree.into_iter().map(str::to_owned).collect()
+    }
+
     /// The concurrent sessions `account`'s own pool allows: `max_sessions`
     /// if set, else its plan's. `None` for a sub-account with neither (only
     /// its ancestors limit it), for a service account (it launches into its

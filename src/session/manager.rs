@@ -451,15 +451,10 @@ impl SessionManager {
             }
             None => return Err(principal_required()),
         }
-        let accounts: Vec<String> = match policy.kind_of(account_id) {
-            Some(AccountKind::Org) => policy
-                .subtree(account_id)
-                .into_iter()
-                .map(str::to_owned)
-                .collect(),
-            _ => vec![account_id.to_owned()],
-        };
-        let lines = self.ledger.usage(accounts, from, to).await?;
+        let lines = self
+            .ledger
+            .usage(policy.with_sub_accounts(account_id), from, to)
+            .await?;
         let billed_account_id = policy.billed_account(account_id).to_owned();
         let balance = self.balance_of(&billed_account_id).await?;
         Ok(UsageReport {
@@ -481,25 +476,15 @@ impl SessionManager {
         account: Option<String>,
     ) -> Result<EventFilter, Refusal> {
         let policy = self.policy();
-        let with_subtree = |account: &str| -> Vec<String> {
-            match policy.kind_of(account) {
-                Some(AccountKind::Org) => policy
-                    .subtree(account)
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect(),
-                _ => vec![account.to_owned()],
-            }
-        };
         let accounts = match (&caller.principal, account) {
             (Some(principal), Some(account)) => {
                 admission::may_list_account(&policy, principal, &account)?;
-                with_subtree(&account)
+                policy.with_sub_accounts(&account)
             }
             (Some(principal), None) => {
                 let mut accounts = vec![principal.subject.clone()];
                 if let Some(org) = policy.service_account_org(&principal.subject) {
-                    accounts.extend(with_subtree(org));
+                    accounts.extend(policy.with_sub_accounts(org));
                 }
                 for org in policy
                     .accounts()
@@ -511,7 +496,7 @@ impl SessionManager {
                 }
                 accounts
             }
-            (None, Some(account)) if caller.operator => with_subtree(&account),
+            (None, Some(account)) if caller.operator => policy.with_sub_accounts(&account),
             (None, None) if caller.operator => return Ok(EventFilter { accounts: None }),
             (None, _) => return Err(principal_required()),
         };

@@ -150,6 +150,12 @@ impl SessionRecord {
         self.state != SessionState::Ended
     }
 
+    /// Why a STOPPING session ends: the reason recorded when its stop
+    /// began (a balance, a reservation window), a plain stop otherwise.
+    pub fn stop_reason(&self) -> EndReason {
+        self.end_reason.unwrap_or(EndReason::Stopped)
+    }
+
     /// The session's device UUIDs, comma-separated: the form of the
     /// devices label and the device variables.
     pub fn device_list(&self) -> String {

@@ -245,9 +245,7 @@ impl SessionManager {
             session_id: session.id.0.clone(),
             cc_request_number: state.cc_request_number + 1,
             used,
-            end_reason: convert::end_reason_to_proto(Some(
-                session.end_reason.unwrap_or(EndReason::Stopped),
-            )),
+            end_reason: convert::end_reason_to_proto(Some(session.stop_reason())),
             ended_at: ended_at.map(UnixNanos::to_timestamp),
         };
         match credit.plane.release_session(request).await {

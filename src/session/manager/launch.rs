@@ -16,7 +16,6 @@ use crate::policy::admission::{self, LaunchAccount, OpenSession};
 use crate::runtime::{
     ContainerId, ContainerSpec, DeviceRequest, RuntimeError, VolumeMount, labels,
 };
-use crate::session::BillingPath;
 use crate::session::request::{HOST_DEVICE_VARIABLES, LaunchPlan};
 use crate::session::{EndReason, SessionId, SessionRecord};
 
@@ -84,7 +83,6 @@ impl SessionManager {
             billed_account_id: account.billed_account_id.clone(),
             owner: plan.principal.clone(),
             image: plan.image.clone(),
-            billing_path: BillingPath::Balance,
             created_at: now,
         };
         let selector = plan.devices.clone();
@@ -218,7 +216,7 @@ impl SessionManager {
     /// The container a plan asks for, with the session's devices and labels.
     fn container_spec(&self, session: &SessionRecord, plan: &LaunchPlan) -> ContainerSpec {
         let uuids: Vec<String> = session.devices.iter().map(|d| d.uuid.to_string()).collect();
-        let visible = uuids.join(",");
+        let visible = session.device_list();
         let mut env = plan.env.clone();
         env.insert("NVIDIA_VISIBLE_DEVICES".into(), visible.clone());
         env.insert("CUDA_VISIBLE_DEVICES".into(), visible.clone());
@@ -301,7 +299,7 @@ fn admit(
         })
         .collect();
     admission::check_pools(account, policy, &open)?;
-    for device in view.held.keys() {
+    for device in view.open.iter().flat_map(|session| &session.devices) {
         unavailable.insert(device.clone(), Unavailable::Held);
     }
     for (device, reserved) in admission::reserved_for_others(policy, account, now) {
@@ -314,12 +312,11 @@ fn admit(
     let rates: Vec<Rate> = picked.iter().map(|d| policy.rate(&d.class)).collect();
     let mut balance = policy.opening_balance(&account.billed_account_id);
     if local_balances {
-        balance = balance + view.balance_delta(&account.billed_account_id);
+        balance = balance + view.billed_delta;
     }
     admission::check_balance(policy, account, billing_path, balance, &rates)?;
     Ok(Admitted {
         devices: picked.into_iter().zip(rates).collect(),
-        billed_account_id: account.billed_account_id.clone(),
         billing_path,
     })
 }

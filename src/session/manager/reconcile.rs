@@ -109,7 +109,7 @@ impl SessionManager {
         let reason = match (session.state, reason) {
             (SessionState::Running, reason) => reason,
             // A die during a stop is the stop's, with the stop's reason.
-            (SessionState::Stopping, _) => session.end_reason.unwrap_or(EndReason::Stopped),
+            (SessionState::Stopping, _) => session.stop_reason(),
             (SessionState::Starting | SessionState::Ended, _) => return Ok(()),
         };
         if let Some(closed) = self.close(id, at, reason, detail).await? {
@@ -275,7 +275,7 @@ impl SessionManager {
                     // now, in the background so that a start does not wait
                     // out the grace; Docker's die event (or the next
                     // reconcile) closes the session with the stop's reason.
-                    let reason = session.end_reason.unwrap_or(EndReason::Stopped);
+                    let reason = session.stop_reason();
                     tracing::info!(session = %id, container = %state.id, reason = %reason, "resuming a stop cut short");
                     self.audit(AuditRecord {
                         at: now,
@@ -303,7 +303,7 @@ impl SessionManager {
             }
             Some(state) => {
                 let reason = if session.state == SessionState::Stopping {
-                    session.end_reason.unwrap_or(EndReason::Stopped)
+                    session.stop_reason()
                 } else {
                     EndReason::Exited
                 };
@@ -322,13 +322,13 @@ impl SessionManager {
         Ok(())
     }
 
-    /// Containers with our node's labels that the ledger has no open
-    /// session for: never billed or killed, reported, and their devices
-    /// kept from other sessions while they run.
+    /// Running containers with our node's labels that the ledger has no
+    /// open session for: never billed or killed, reported, and their
+    /// devices kept from other sessions while they run.
     fn report_unknown(&self, containers: Vec<ContainerState>) {
         let previous = self.foreign_devices();
         let mut foreign = HashMap::new();
-        for container in containers.into_iter().filter(|c| c.running) {
+        for container in containers {
             let session = container
                 .labels
                 .get(labels::SESSION)
