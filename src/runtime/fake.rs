@@ -77,6 +77,9 @@ struct Inner {
     next_id: u64,
     now: UnixNanos,
     stop_exit_code: i64,
+    /// The exit code of a container whose main process ends as soon as it
+    /// starts, for the next start only.
+    exit_on_start: Option<i64>,
     containers: BTreeMap<ContainerId, Container>,
     volumes: BTreeMap<String, BTreeMap<String, String>>,
     missing_images: BTreeSet<String>,
@@ -147,6 +150,7 @@ impl FakeRuntime {
                 next_id: 1,
                 now: START,
                 stop_exit_code: 137,
+                exit_on_start: None,
                 containers: BTreeMap::new(),
                 volumes: BTreeMap::new(),
                 missing_images: BTreeSet::new(),
@@ -209,6 +213,12 @@ impl FakeRuntime {
     /// killed after the grace period).
     pub fn set_stop_exit_code(&self, code: i64) {
         self.lock().stop_exit_code = code;
+    }
+
+    /// The next container started exits with `code` at the instant it
+    /// starts (a command that fails at once): a start and a die event.
+    pub fn exit_next_on_start(&self, code: i64) {
+        self.lock().exit_on_start = Some(code);
     }
 
     /// Creating a container from `image` fails with
@@ -331,6 +341,9 @@ impl ContainerRuntime for FakeRuntime {
         container.state.finished_at = None;
         container.state.exit_code = None;
         inner.emit(id, ContainerEventKind::Start, now);
+        if let Some(code) = inner.exit_on_start.take() {
+            inner.finish(id, code, now);
+        }
         Ok(())
     }
 

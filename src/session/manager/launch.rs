@@ -14,7 +14,7 @@ use crate::metering::Rate;
 use crate::policy::Policy;
 use crate::policy::admission::{self, LaunchAccount, OpenSession};
 use crate::runtime::{
-    ContainerId, ContainerSpec, DeviceRequest, RuntimeError, VolumeMount, labels,
+    ContainerId, ContainerSpec, ContainerState, DeviceRequest, RuntimeError, VolumeMount, labels,
 };
 use crate::session::request::{HOST_DEVICE_VARIABLES, LaunchPlan};
 use crate::session::{EndReason, SessionId, SessionRecord};
@@ -125,7 +125,7 @@ impl SessionManager {
             self.start_container(&session, &plan, &mut created).await
         };
         match started.await {
-            Ok(running) => {
+            Ok((running, state)) => {
                 tracing::info!(
                     session = %running.id,
                     account = %running.account_id,
@@ -137,7 +137,28 @@ impl SessionManager {
                     self.clock.now(),
                     EventKind::SessionStarted(Box::new(running.clone())),
                 );
-                Ok(running)
+                if state.running {
+                    return Ok(running);
+                }
+                // It already exited: it ran from StartedAt to FinishedAt,
+                // billed so, and ends like any other session. Should the
+                // ledger fail here, the session stays RUNNING and the next
+                // reconcile closes it at the same FinishedAt.
+                match self
+                    .close(
+                        &running.id,
+                        state.finished_at,
+                        EndReason::Exited,
+                        exit_detail(&state),
+                    )
+                    .await
+                {
+                    Ok(closed) => Ok(closed.unwrap_or(running)),
+                    Err(error) => {
+                        tracing::warn!(session = %running.id, error = %error, "could not record that the container already exited; the next reconcile closes the session");
+                        Ok(running)
+                    }
+                }
             }
             Err(refusal) => {
                 tracing::warn!(session = %session.id, reason = %refusal, "launch failed; releasing its devices");
@@ -168,7 +189,7 @@ impl SessionManager {
         session: &SessionRecord,
         plan: &LaunchPlan,
         created: &mut Option<ContainerId>,
-    ) -> Result<SessionRecord, Refusal> {
+    ) -> Result<(SessionRecord, ContainerState), Refusal> {
         let spec = self.container_spec(session, plan);
         for volume in &spec.volumes {
             let owner =
@@ -197,20 +218,7 @@ impl SessionManager {
             .ledger
             .mark_running(&session.id, &id.0, started_at)
             .await?;
-        if state.running {
-            return Ok(running);
-        }
-        // It already exited: it ran from StartedAt to FinishedAt, billed so.
-        Ok(self
-            .ledger
-            .close(
-                &session.id,
-                state.finished_at,
-                EndReason::Exited,
-                exit_detail(&state),
-            )
-            .await?
-            .unwrap_or(running))
+        Ok((running, state))
     }
 
     /// The container a plan asks for, with the session's devices and labels.

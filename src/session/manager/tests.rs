@@ -399,6 +399,34 @@ async fn a_balance_too_low_for_the_minimum_refuses_the_launch_before_any_contain
 }
 
 #[tokio::test]
+async fn a_container_that_exits_as_it_starts_is_announced_started_then_ended() {
+    let s = setup(DeviceInjection::Env);
+    let mut events = s.manager.events().subscribe();
+    s.runtime.exit_next_on_start(1);
+    let session = s
+        .manager
+        .launch(plan("r1", None), s.devices.clone(), Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(session.state, SessionState::Ended);
+    assert_eq!(session.end_reason, Some(EndReason::Exited));
+    assert_eq!(session.ended_at, session.started_at);
+    let announced: Vec<(bool, SessionState)> = drain_events(&mut events)
+        .into_iter()
+        .filter_map(|kind| match kind {
+            EventKind::SessionStarted(s) => Some((true, s.state)),
+            EventKind::SessionEnded(s) => Some((false, s.state)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        announced,
+        [(true, SessionState::Running), (false, SessionState::Ended)]
+    );
+    assert!(s.manager.busy_devices().await.unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn an_exhausted_balance_stops_its_sessions_after_the_grace_period_and_says_so() {
     let s = setup_with_policy(SMALL_BALANCE);
     let mut events = s.manager.events().subscribe();
