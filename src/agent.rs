@@ -11,13 +11,13 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Refusal;
 use crate::events::EventKind;
 use crate::gpu::{
-    self, DeviceHealth, DeviceHealthTracker, DeviceTelemetry, DeviceUuid, GpuBackend, GpuError,
-    HealthChange, HealthEvent, HostInventory,
+    self, AssignableDevice, DeviceHealth, DeviceHealthTracker, DeviceTelemetry, DeviceUuid,
+    GpuBackend, GpuError, HealthChange, HealthEvent, HostInventory,
 };
 use crate::inventory::{DeviceView, Health, InventoryView, LinkView};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::session::manager::SessionManager;
+use crate::session::manager::{Holder, SessionManager};
 use crate::session::request::LaunchRequest;
 use crate::session::{Caller, Scope, SessionRecord};
 use crate::toml_file::FileError;
@@ -31,6 +31,17 @@ fn health_of(health: DeviceHealth) -> Health {
         DeviceHealth::Unhealthy { .. } => Health::Unhealthy,
         DeviceHealth::Lost => Health::Lost,
     }
+}
+
+/// Marks the GPUs a scan found lost; returns the changes to announce.
+fn record_lost(health: &mut DeviceHealthTracker, inventory: &HostInventory) -> Vec<HealthChange> {
+    let now = Instant::now();
+    inventory
+        .lost
+        .iter()
+        .filter_map(|lost| lost.uuid.clone())
+        .filter_map(|device| health.record(&HealthEvent::Lost { device }, now))
+        .collect()
 }
 
 #[derive(Debug)]
@@ -68,10 +79,7 @@ impl Agent {
             "discovered GPUs"
         );
         let mut health = DeviceHealthTracker::new();
-        let now = Instant::now();
-        for lost in inventory.lost.iter().filter_map(|l| l.uuid.clone()) {
-            health.record(&HealthEvent::Lost { device: lost }, now);
-        }
+        record_lost(&mut health, &inventory);
         Ok(Self {
             node_id,
             gpus,
@@ -104,16 +112,14 @@ impl Agent {
         }
     }
 
-    /// Devices that may not take sessions: unhealthy or lost ones and the
-    /// MIG instances of such GPUs.
-    fn unhealthy_devices(&self) -> Vec<DeviceUuid> {
+    /// Those of `devices` that may not take sessions: unhealthy or lost
+    /// ones and the MIG instances of such GPUs.
+    fn unhealthy_among(&self, devices: &[AssignableDevice]) -> Vec<DeviceUuid> {
         let health = self.health();
-        self.scan()
-            .inventory
-            .assignable()
-            .into_iter()
+        devices
+            .iter()
             .filter(|d| !health.effective(&d.uuid, d.parent.as_ref()).is_healthy())
-            .map(|d| d.uuid)
+            .map(|d| d.uuid.clone())
             .collect()
     }
 
@@ -188,21 +194,12 @@ impl Agent {
     /// devices that appeared or went are announced.
     pub async fn rescan(&self) -> Result<(), GpuError> {
         let inventory = gpu::blocking(&self.gpus, |backend| backend.discover()).await?;
-        let uuids = |inventory: &HostInventory| -> BTreeSet<DeviceUuid> {
-            inventory.assignable().into_iter().map(|d| d.uuid).collect()
-        };
-        let before = uuids(&self.scan().inventory);
-        let after = uuids(&inventory);
-        {
-            let now = Instant::now();
-            let mut health = self.health();
-            for lost in inventory.lost.iter().filter_map(|l| l.uuid.clone()) {
-                if let Some(change) = health.record(&HealthEvent::Lost { device: lost }, now) {
-                    drop(health);
-                    self.announce(change);
-                    health = self.health();
-                }
-            }
+        // Sorted, so the event lists its devices in order.
+        let before: BTreeSet<DeviceUuid> = self.scan().inventory.assignable_uuids();
+        let after: BTreeSet<DeviceUuid> = inventory.assignable_uuids();
+        let changes = record_lost(&mut self.health(), &inventory);
+        for change in changes {
+            self.announce(change);
         }
         *self
             .last_scan
@@ -277,7 +274,7 @@ impl Agent {
         {
             let health = self.health();
             for device in &mut view.devices {
-                device.session_id = busy.get(&device.uuid).cloned();
+                device.session_id = busy.get(&device.uuid).map(ToString::to_string);
                 device.health =
                     health_of(health.effective(&device.uuid, device.parent_uuid.as_ref()));
             }
@@ -285,9 +282,11 @@ impl Agent {
         // A device held by a session but gone from the scan (a lost GPU, a
         // repartition under a session) stays listed until the session ends.
         let listed: HashSet<DeviceUuid> = view.devices.iter().map(|d| d.uuid.clone()).collect();
-        for (uuid, session) in busy {
-            if !listed.contains(&uuid) && !session.starts_with("unknown container") {
-                view.devices.push(DeviceView::vanished(uuid, session));
+        for (uuid, holder) in busy {
+            if let Holder::Session(session) = holder
+                && !listed.contains(&uuid)
+            {
+                view.devices.push(DeviceView::vanished(uuid, session.0));
             }
         }
         view.draining = self.sessions.is_draining();
@@ -327,9 +326,8 @@ impl Agent {
         let result = match request.validate() {
             Ok(plan) => {
                 let devices = self.scan().inventory.assignable();
-                self.sessions
-                    .launch(plan, devices, self.unhealthy_devices())
-                    .await
+                let unhealthy = self.unhealthy_among(&devices);
+                self.sessions.launch(plan, devices, unhealthy).await
             }
             Err(refusal) => Err(refusal),
         };
@@ -347,12 +345,7 @@ impl Agent {
 
     /// The UUIDs of the devices found by the last scan.
     pub fn device_uuids(&self) -> HashSet<DeviceUuid> {
-        self.scan()
-            .inventory
-            .assignable()
-            .into_iter()
-            .map(|d| d.uuid)
-            .collect()
+        self.scan().inventory.assignable_uuids()
     }
 
     /// Reads and validates the policy file against this host's devices and

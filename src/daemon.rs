@@ -201,7 +201,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     tracing::info!(node_id = %config.node_id, "gpuwarden is ready");
     // systemd: READY=1 only now that the API serves (see crate::systemd).
     let notifier = crate::systemd::Notifier::from_env();
-    notifier.ready_with_status(&crate::systemd::serving_status(&agent).await);
+    notifier.ready_serving(&agent).await;
     let mut heartbeat = notifier.heartbeat();
 
     // Reload on SIGHUP until the one stop signal, then drain within a bound.
@@ -215,7 +215,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     Some(path) => agent.reload_policy(path).await,
                     None => tracing::info!("SIGHUP: no policy file to reload"),
                 }
-                notifier.ready_with_status(&crate::systemd::serving_status(&agent).await);
+                notifier.ready_serving(&agent).await;
             }
             // systemd: WATCHDOG=1 from this loop, so a hung loop gets restarted.
             _ = heartbeat.tick() => notifier.beat(&agent).await,

@@ -149,8 +149,7 @@ async fn check_config(path: &Path) -> anyhow::Result<()> {
     let (gpus, host_devices) = match &config.gpu.source {
         GpuSource::Simulated { fixture } => {
             let scan = gpu::simulated::load_fixture(fixture)?;
-            let devices: HashSet<DeviceUuid> =
-                scan.assignable().into_iter().map(|d| d.uuid).collect();
+            let devices: HashSet<DeviceUuid> = scan.assignable_uuids();
             (
                 format!(
                     "simulated host {} ({} GPUs, {} assignable devices)",

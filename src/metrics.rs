@@ -295,7 +295,12 @@ async fn snapshot(agent: &Agent, registry: &mut Registry) {
         "Usage records not yet acknowledged by the control plane",
         None,
     );
-    if let Ok(count) = ledger.outbox_backlog().await {
+    // In control-plane mode the inventory read it already.
+    let count = match &view.control_plane {
+        Some(link) => Ok(link.outbox_backlog),
+        None => ledger.outbox_backlog().await,
+    };
+    if let Ok(count) = count {
         backlog.get_or_create(&Vec::new()).set(count as f64);
     }
     if let Some(link) = &view.control_plane {

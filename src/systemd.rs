@@ -149,6 +149,14 @@ impl Notifier {
         self.send(&[("READY", "1"), ("STATUS", status)]);
     }
 
+    /// `READY=1` with the agent's serving status; the status is only
+    /// worked out when a service manager listens.
+    pub async fn ready_serving(&self, agent: &Agent) {
+        if self.is_enabled() {
+            self.ready_with_status(&serving_status(agent).await);
+        }
+    }
+
     /// `STATUS=`: one line for `systemctl status`.
     pub fn status(&self, status: &str) {
         self.remember_status(status);

@@ -19,6 +19,7 @@ use crate::agent::Agent;
 use crate::api::convert;
 use crate::clock::UnixNanos;
 use crate::events::EventKind;
+use crate::inventory::InventoryView;
 use crate::ledger::OutboxRecord;
 use crate::proto;
 
@@ -98,7 +99,7 @@ impl Link {
             .register_node(proto::RegisterNodeRequest {
                 node_id: self.agent.node_id().to_owned(),
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-                inventory: self.inventory().await,
+                inventory: self.inventory().await.as_ref().map(Into::into),
             })
             .await
         {
@@ -183,9 +184,9 @@ impl Link {
         }
     }
 
-    async fn inventory(&self) -> Option<proto::Inventory> {
+    async fn inventory(&self) -> Option<InventoryView> {
         match self.agent.inventory().await {
-            Ok(view) => Some((&view).into()),
+            Ok(view) => Some(view),
             Err(refusal) => {
                 tracing::warn!(error = %refusal, "inventory unavailable for the control plane");
                 None
@@ -204,12 +205,17 @@ impl Link {
             })
             .await
             .unwrap_or_default();
-        let backlog = sessions.ledger().outbox_backlog().await.unwrap_or_default();
+        let inventory = self.inventory().await;
+        // The inventory read it already, with the link's state.
+        let backlog = match inventory.as_ref().and_then(|v| v.control_plane.as_ref()) {
+            Some(link) => link.outbox_backlog,
+            None => sessions.ledger().outbox_backlog().await.unwrap_or_default(),
+        };
         self.plane
             .report_status(proto::NodeStatus {
                 node_id: self.agent.node_id().to_owned(),
                 at: Some(now.to_timestamp()),
-                inventory: self.inventory().await,
+                inventory: inventory.as_ref().map(Into::into),
                 sessions: open.iter().map(|s| convert::session(s, now)).collect(),
                 draining: sessions.is_draining(),
                 outbox_backlog: backlog,

@@ -179,6 +179,11 @@ impl HostInventory {
     /// Every device sessions may be given, per DESIGN.md: full GPUs whose MIG
     /// mode is off and MIG instances of GPUs whose MIG mode is on, never the
     /// parent of MIG instances.
+    /// The UUIDs of [`HostInventory::assignable`]'s devices.
+    pub fn assignable_uuids<C: FromIterator<DeviceUuid>>(&self) -> C {
+        self.assignable().into_iter().map(|d| d.uuid).collect()
+    }
+
     pub fn assignable(&self) -> Vec<AssignableDevice> {
         let mut devices = Vec::new();
         for gpu in &self.gpus {

@@ -97,6 +97,24 @@ pub struct SessionManager {
     recovery: tokio::sync::RwLock<Option<Refusal>>,
 }
 
+/// What holds a busy device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    Session(SessionId),
+    /// A running container with this node's labels that the ledger does not
+    /// know.
+    Unknown(ContainerId),
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Session(id) => write!(f, "{id}"),
+            Self::Unknown(container) => write!(f, "unknown container {container}"),
+        }
+    }
+}
+
 /// An account's usage in a period and the balance that pays for it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageReport {
@@ -297,17 +315,16 @@ impl SessionManager {
     }
 
     /// Devices held by sessions or claimed by unknown containers.
-    pub async fn busy_devices(&self) -> Result<HashMap<DeviceUuid, String>, Refusal> {
-        let mut busy: HashMap<DeviceUuid, String> = self
+    pub async fn busy_devices(&self) -> Result<HashMap<DeviceUuid, Holder>, Refusal> {
+        let mut busy: HashMap<DeviceUuid, Holder> = self
             .ledger
             .holds()
             .await?
             .into_iter()
-            .map(|(device, session)| (device, session.0))
+            .map(|(device, session)| (device, Holder::Session(session)))
             .collect();
         for (device, container) in self.foreign_devices() {
-            busy.entry(device)
-                .or_insert(format!("unknown container {container}"));
+            busy.entry(device).or_insert(Holder::Unknown(container));
         }
         Ok(busy)
     }
