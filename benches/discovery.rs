@@ -13,32 +13,17 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
-use std::path::{Path, PathBuf};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::standin::StandinHost;
+use common::{ms, percentile};
 use gpuwarden::gpu::GpuBackend;
 use gpuwarden::gpu::nvml::NvmlBackend;
-use gpuwarden::gpu::simulated::SimulatedHost;
 
 const TARGET: Duration = Duration::from_millis(50);
-
-fn built_standin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    [deps, deps.parent().unwrap()]
-        .iter()
-        .map(|dir| dir.join("libnvidia_ml_standin.so"))
-        .find(|path| path.exists())
-        .expect("libnvidia_ml_standin.so next to the bench (cargo builds it as a dev-dependency)")
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 fn report(what: &str, mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -64,21 +49,11 @@ fn main() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(200);
-    let dir = tempfile::tempdir().unwrap();
-    let fixture = dir.path().join("host.toml");
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/sim-dgx-a100.toml"),
-        &fixture,
-    )
-    .unwrap();
-    let library = dir.path().join("libnvidia-ml.so.1");
-    std::fs::copy(built_standin(), &library).unwrap();
-    std::fs::write(dir.path().join("libnvidia-ml.so.1.fixture"), "host.toml").unwrap();
-
+    let host = StandinHost::new("sim-dgx-a100.toml");
     let start = Instant::now();
-    let nvml = NvmlBackend::open(Some(&library)).unwrap();
+    let nvml = NvmlBackend::open(Some(&host.library())).unwrap();
     let open = start.elapsed();
-    let simulated = SimulatedHost::open(&fixture).unwrap();
+    let simulated = host.simulated();
 
     // The first rounds warm caches and the allocator; they are dropped.
     const WARMUP: usize = 5;

@@ -14,9 +14,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{Daemon, test_image};
+use common::launch::{SLEEP, exact, launch_as, stop_request};
+use common::{Daemon, ms, percentile, test_image};
 use gpuwarden::proto;
 use gpuwarden::runtime::docker::DockerRuntime;
 use gpuwarden::runtime::{
@@ -24,14 +25,6 @@ use gpuwarden::runtime::{
 };
 
 const MIG: &str = "MIG-0d4b7102-166c-4d26-804d-35a10322fc1b";
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 #[tokio::main]
 async fn main() {
@@ -51,24 +44,13 @@ async fn main() {
     for round in 0..rounds + 2 {
         // The agent: Launch answers once the container runs and the ledger
         // has recorded Docker's StartedAt.
-        let request = proto::LaunchRequest {
-            request_id: format!("bench-{round}"),
-            principal: Some(proto::Principal {
-                subject: "u-bench".into(),
-                kind: proto::PrincipalKind::User.into(),
-            }),
-            scope: proto::Scope::Personal.into(),
-            devices: Some(proto::DeviceSelector {
-                device_uuids: vec![MIG.into()],
-                ..Default::default()
-            }),
-            container: Some(proto::ContainerSpec {
-                image: test_image(),
-                command: vec!["sleep".into(), "300".into()],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+        let request = launch_as(
+            &format!("bench-{round}"),
+            "u-bench",
+            None,
+            exact(&[MIG]),
+            SLEEP,
+        );
         let started = Instant::now();
         let session = agent.launch(request).await.unwrap().into_inner();
         let agent_time = started.elapsed();
@@ -98,14 +80,7 @@ async fn main() {
         let plain_time = started.elapsed();
 
         // Not measured: put both away so every round starts alike.
-        agent
-            .stop(proto::StopRequest {
-                session_id: session.id,
-                principal: None,
-                timeout_seconds: 1,
-            })
-            .await
-            .unwrap();
+        agent.stop(stop_request(&session.id, None)).await.unwrap();
         docker.remove(&id).await.unwrap();
         docker
             .remove(&ContainerId(session.container_id))

@@ -162,9 +162,9 @@ pub struct TcpListenerConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiConfig {
     pub unix_socket: PathBuf,
-    /// Besides root and the agent's own user, members of this group (name,
-    /// gid) may use the Unix socket.
-    pub unix_socket_group: Option<(String, u32)>,
+    /// Besides root and the agent's own user, members of this group (the
+    /// gid of `api.unix_socket_group`) may use the Unix socket.
+    pub unix_socket_gid: Option<u32>,
     /// The TCP listener, always with mutual TLS; `None` when not configured.
     pub tcp: Option<TcpListenerConfig>,
 }
@@ -457,9 +457,9 @@ impl Validator<'_> {
                 None
             }
         };
-        let unix_socket_group = match api.unix_socket_group {
+        let unix_socket_gid = match api.unix_socket_group {
             Some(name) => match nix::unistd::Group::from_name(&name) {
-                Ok(Some(group)) => Some((name, group.gid.as_raw())),
+                Ok(Some(group)) => Some(group.gid.as_raw()),
                 Ok(None) => {
                     return Err(self.bad(
                         "api.unix_socket_group",
@@ -477,7 +477,7 @@ impl Validator<'_> {
         };
         Ok(ApiConfig {
             unix_socket,
-            unix_socket_group,
+            unix_socket_gid,
             tcp,
         })
     }

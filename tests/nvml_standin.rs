@@ -10,15 +10,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::path::Path;
+
+use common::standin::StandinHost;
 use gpuwarden::gpu::nvml::NvmlBackend;
 use gpuwarden::gpu::simulated::SimulatedHost;
 use gpuwarden::gpu::{
     BackendKind, DeviceUuid, GpuBackend, GpuError, HealthEvent, HostInventory, LostGpu,
 };
 use nvml_wrapper::error::NvmlError;
-use tempfile::TempDir;
 
 const DGX: &str = "sim-dgx-a100.toml";
 const H100_PAIR: &str = "sim-h100-pair.toml";
@@ -28,79 +30,6 @@ const FIXTURES: [&str; 2] = [DGX, H100_PAIR];
 const DGX_GPU0: &str = "GPU-b644960d-a808-45b0-b4e1-f6add005db2d";
 const DGX_GPU2: &str = "GPU-faba74c6-7dc9-4bfd-ab4e-85cb4d26fa32";
 const DGX_GPU3: &str = "GPU-1088c26b-51c8-423d-a0f1-df76cdf8be11";
-
-/// The stand-in cargo built for this test run.
-fn built_standin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    [deps, deps.parent().unwrap()]
-        .iter()
-        .map(|dir| dir.join("libnvidia_ml_standin.so"))
-        .find(|path| path.exists())
-        .unwrap_or_else(|| {
-            panic!(
-                "no libnvidia_ml_standin.so near {}: build it with `cargo build -p nvml-standin`",
-                exe.display()
-            )
-        })
-}
-
-/// A temporary folder with a copy of a fixture (`host.toml`) and a copy of
-/// the stand-in (`libnvidia-ml.so.1`) that answers from it.
-struct StandinHost {
-    dir: TempDir,
-}
-
-impl StandinHost {
-    fn new(fixture: &str) -> Self {
-        let text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("fixtures")
-                .join(fixture),
-        )
-        .unwrap();
-        Self::with_text(&text)
-    }
-
-    fn with_text(fixture: &str) -> Self {
-        let host = Self {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        host.write_fixture(fixture);
-        std::fs::copy(built_standin(), host.library()).unwrap();
-        std::fs::write(
-            host.dir.path().join("libnvidia-ml.so.1.fixture"),
-            "host.toml",
-        )
-        .unwrap();
-        host
-    }
-
-    fn fixture(&self) -> PathBuf {
-        self.dir.path().join("host.toml")
-    }
-
-    fn library(&self) -> PathBuf {
-        self.dir.path().join("libnvidia-ml.so.1")
-    }
-
-    fn write_fixture(&self, text: &str) {
-        std::fs::write(self.fixture(), text).unwrap();
-    }
-
-    /// Writes the runtime events file both backends read.
-    fn raise(&self, events: &str) {
-        std::fs::write(self.dir.path().join("host.events.toml"), events).unwrap();
-    }
-
-    fn nvml(&self) -> NvmlBackend {
-        NvmlBackend::open(Some(&self.library())).unwrap()
-    }
-
-    fn simulated(&self) -> SimulatedHost {
-        SimulatedHost::open(&self.fixture()).unwrap()
-    }
-}
 
 /// What NVML cannot know the same way: the host name (NVML has none; the
 /// NVML backend reads the kernel's) and which backend answered.
@@ -331,7 +260,7 @@ fn a_standin_without_a_fixture_fails_to_initialise() {
         return; // the environment names one for every copy
     }
     let host = StandinHost::new(H100_PAIR);
-    std::fs::remove_file(host.dir.path().join("libnvidia-ml.so.1.fixture")).unwrap();
+    std::fs::remove_file(host.fixture_pointer()).unwrap();
     match NvmlBackend::open(Some(&host.library())) {
         Err(GpuError::Nvml {
             call: "nvmlInit_v2",

@@ -69,6 +69,16 @@ impl Gpu {
         self.compute_slices.unwrap_or(DEFAULT_COMPUTE_SLICES)
     }
 
+    /// How many MIG devices the GPU can hold: its compute slices in MIG
+    /// mode, none out of it.
+    pub fn max_mig_devices(&self) -> u32 {
+        if self.mig_mode {
+            self.compute_slices()
+        } else {
+            0
+        }
+    }
+
     /// Board power in NVML's whole milliwatts.
     pub fn power_milliwatts(&self) -> u32 {
         let watts = self.power_watts.unwrap_or(DEFAULT_POWER_WATTS);

@@ -504,11 +504,7 @@ pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(
 ) -> nvmlReturn_t {
     let max = property(device, |target| {
         let (_, gpu) = target.full_gpu().map_err(|_| INVALID_ARGUMENT)?;
-        Ok(if gpu.mig_mode {
-            gpu.compute_slices()
-        } else {
-            0
-        })
+        Ok(gpu.max_mig_devices())
     });
     // SAFETY: nvml.h: `count` points to an unsigned int.
     status(max.and_then(|max| unsafe { put(count, max) }))
@@ -524,12 +520,7 @@ pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
 ) -> nvmlReturn_t {
     let handle = property(device, |target| {
         let (position, gpu) = target.full_gpu().map_err(|_| INVALID_ARGUMENT)?;
-        let max = if gpu.mig_mode {
-            gpu.compute_slices()
-        } else {
-            0
-        };
-        if index >= max {
+        if index >= gpu.max_mig_devices() {
             return Err(INVALID_ARGUMENT);
         }
         let slot = index as usize;

@@ -124,7 +124,7 @@ pub struct BoundApi {
 
 /// Binds the Unix socket and, when configured, the TCP listener.
 pub async fn bind(config: &ApiConfig) -> Result<BoundApi, ApiError> {
-    let group = config.unix_socket_group.as_ref().map(|(_, gid)| *gid);
+    let group = config.unix_socket_gid;
     let unix = bind_unix(&config.unix_socket, group).await?;
     let tcp = match &config.tcp {
         Some(tcp) => {

@@ -199,6 +199,7 @@ impl DeviceHealthTracker {
     }
 
     /// Devices that are unhealthy or lost, in UUID order.
+    #[cfg(test)]
     pub fn unhealthy(&self) -> Vec<DeviceUuid> {
         self.states.keys().cloned().collect()
     }

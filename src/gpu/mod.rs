@@ -270,22 +270,28 @@ struct GpuMemory {
 impl GpuMemory {
     /// Remembers what a scan found: the UUIDs of the GPUs it saw (by
     /// index), the ones remembered for the lost indexes; forgets indexes the
-    /// host no longer has.
-    fn scanned(&mut self, present: impl IntoIterator<Item = (u32, DeviceUuid)>, lost: &[LostGpu]) {
+    /// host no longer has. Returns the lost GPUs, each with the UUID last
+    /// seen at its index (a lost GPU cannot tell its own).
+    fn scanned(
+        &mut self,
+        present: impl IntoIterator<Item = (u32, DeviceUuid)>,
+        lost_indexes: impl IntoIterator<Item = u32>,
+    ) -> Vec<LostGpu> {
         let mut known: BTreeMap<u32, DeviceUuid> = present.into_iter().collect();
-        for lost in lost {
-            if let Some(uuid) = self.known.get(&lost.index) {
-                known.insert(lost.index, uuid.clone());
+        let lost: Vec<LostGpu> = lost_indexes
+            .into_iter()
+            .map(|index| LostGpu {
+                index,
+                uuid: self.known.get(&index).cloned(),
+            })
+            .collect();
+        for gpu in &lost {
+            if let Some(uuid) = &gpu.uuid {
+                known.insert(gpu.index, uuid.clone());
             }
         }
         self.known = known;
-    }
-
-    fn lost_gpu(&self, index: u32) -> LostGpu {
-        LostGpu {
-            index,
-            uuid: self.known.get(&index).cloned(),
-        }
+        lost
     }
 
     /// `Lost` events for the known GPUs `is_lost` says are lost now and were
@@ -410,7 +416,7 @@ mod tests {
                 .map(|&index| (index, DeviceUuid::new(format!("GPU-{index}"))))
                 .collect::<Vec<_>>()
         };
-        memory.scanned(seen(&[0, 1]), &[]);
+        memory.scanned(seen(&[0, 1]), []);
         let lost_one = |index: u32, _: &DeviceUuid| Ok(index == 1);
         let events = memory.lost_events(lost_one).unwrap();
         assert_eq!(
@@ -421,20 +427,14 @@ mod tests {
         );
         assert!(memory.lost_events(lost_one).unwrap().is_empty());
         // A scan that finds it lost keeps its UUID; an unknown index has none.
-        memory.scanned(
-            seen(&[0]),
-            &[LostGpu {
-                index: 1,
-                uuid: None,
-            }],
-        );
-        assert_eq!(memory.lost_gpu(1).uuid, Some(DeviceUuid::new("GPU-1")));
-        assert_eq!(memory.lost_gpu(5).uuid, None);
+        let lost = memory.scanned(seen(&[0]), [1, 5]);
+        assert_eq!(lost[0].uuid, Some(DeviceUuid::new("GPU-1")));
+        assert_eq!(lost[1].uuid, None);
         // Back, then lost again: reported again.
         assert!(memory.lost_events(|_, _| Ok(false)).unwrap().is_empty());
         assert_eq!(memory.lost_events(lost_one).unwrap().len(), 1);
         // An index the host no longer has is forgotten.
-        memory.scanned(seen(&[0]), &[]);
+        memory.scanned(seen(&[0]), []);
         assert_eq!(memory.known.len(), 1);
     }
 

@@ -21,7 +21,7 @@ use nvml_wrapper::{EventSet, Nvml};
 
 use super::{
     BackendKind, DEFAULT_GPU_COMPUTE_SLICES, DeviceTelemetry, DeviceUuid, Gpu, GpuBackend,
-    GpuError, GpuMemory, HealthEvent, HostInventory, LostGpu, MigInstance,
+    GpuError, GpuMemory, HealthEvent, HostInventory, MigInstance,
 };
 
 /// Where the driver installs NVML: the versioned name exists wherever the
@@ -70,6 +70,22 @@ fn nvml_error(call: &'static str, device: Option<String>) -> impl FnOnce(NvmlErr
         call,
         device,
         source,
+    }
+}
+
+/// The GPU at `index` with its UUID; `None` when it has fallen off the bus
+/// (NVML answers GPU_IS_LOST for its handle or its UUID).
+fn probe(nvml: &Nvml, index: u32) -> Result<Option<(DeviceUuid, Device<'_>)>, GpuError> {
+    let at = |call| nvml_error(call, Some(format!("index {index}")));
+    let device = match nvml.device_by_index(index) {
+        Ok(device) => device,
+        Err(NvmlError::GpuLost) => return Ok(None),
+        Err(e) => return Err(at("nvmlDeviceGetHandleByIndex_v2")(e)),
+    };
+    match device.uuid() {
+        Ok(uuid) => Ok(Some((DeviceUuid::new(uuid), device))),
+        Err(NvmlError::GpuLost) => Ok(None),
+        Err(e) => Err(at("nvmlDeviceGetUUID")(e)),
     }
 }
 
@@ -147,16 +163,8 @@ impl NvmlBackend {
             .map_err(nvml_error("nvmlDeviceGetCount_v2", None))?;
         let mut present = Vec::new();
         for index in 0..count {
-            let at = || Some(format!("index {index}"));
-            let device = match nvml.device_by_index(index) {
-                Ok(device) => device,
-                Err(NvmlError::GpuLost) => continue,
-                Err(e) => return Err(nvml_error("nvmlDeviceGetHandleByIndex_v2", at())(e)),
-            };
-            match device.uuid() {
-                Ok(uuid) => present.push((index, DeviceUuid::new(uuid), device)),
-                Err(NvmlError::GpuLost) => continue,
-                Err(e) => return Err(nvml_error("nvmlDeviceGetUUID", at())(e)),
+            if let Some((uuid, device)) = probe(nvml, index)? {
+                present.push((index, uuid, device));
             }
         }
         let xids = match register_xid_events(nvml, &present) {
@@ -173,7 +181,7 @@ impl NvmlBackend {
         let mut memory = GpuMemory::default();
         memory.scanned(
             present.into_iter().map(|(index, uuid, _)| (index, uuid)),
-            &[],
+            [],
         );
         Ok(Self {
             nvml,
@@ -186,20 +194,9 @@ impl NvmlBackend {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether the GPU at `index` has fallen off the bus: NVML answers
-    /// GPU_IS_LOST for its handle or its UUID.
+    /// Whether the GPU at `index` has fallen off the bus.
     fn gpu_is_lost(&self, index: u32) -> Result<bool, GpuError> {
-        let at = || Some(format!("index {index}"));
-        let device = match self.nvml.device_by_index(index) {
-            Ok(device) => device,
-            Err(NvmlError::GpuLost) => return Ok(true),
-            Err(e) => return Err(nvml_error("nvmlDeviceGetHandleByIndex_v2", at())(e)),
-        };
-        match device.uuid() {
-            Ok(_) => Ok(false),
-            Err(NvmlError::GpuLost) => Ok(true),
-            Err(e) => Err(nvml_error("nvmlDeviceGetUUID", at())(e)),
-        }
+        Ok(probe(self.nvml, index)?.is_none())
     }
 
     fn read_gpu(&self, index: u32) -> Result<DeviceTelemetry, GpuError> {
@@ -227,13 +224,7 @@ impl NvmlBackend {
     }
 
     fn scan_gpu(&self, index: u32) -> Result<Gpu, GpuError> {
-        let at = |call: &'static str| {
-            move |source| GpuError::Nvml {
-                call,
-                device: Some(format!("index {index}")),
-                source,
-            }
-        };
+        let at = |call| nvml_error(call, Some(format!("index {index}")));
         let device = self
             .nvml
             .device_by_index(index)
@@ -279,13 +270,8 @@ impl NvmlBackend {
     ) -> Result<Vec<MigInstance>, GpuError> {
         let mut instances = Vec::new();
         for slot in 0..max {
-            let at = |call: &'static str| {
-                move |source| GpuError::Nvml {
-                    call,
-                    device: Some(format!("index {parent_index}, MIG slot {slot}")),
-                    source,
-                }
-            };
+            let at =
+                |call| nvml_error(call, Some(format!("index {parent_index}, MIG slot {slot}")));
             let mig = match parent.mig_device_by_index(slot) {
                 Ok(mig) => mig,
                 // Slots are sparse: an unused one answers NOT_FOUND.
@@ -385,14 +371,10 @@ impl GpuBackend for NvmlBackend {
                 Err(e) => return Err(e),
             }
         }
-        let mut state = self.state();
-        let lost: Vec<LostGpu> = lost_indexes
-            .into_iter()
-            .map(|index| state.memory.lost_gpu(index))
-            .collect();
-        state
-            .memory
-            .scanned(gpus.iter().map(|gpu| (gpu.index, gpu.uuid.clone())), &lost);
+        let lost = self.state().memory.scanned(
+            gpus.iter().map(|gpu| (gpu.index, gpu.uuid.clone())),
+            lost_indexes,
+        );
         Ok(HostInventory {
             hostname: hostname(),
             driver_version,

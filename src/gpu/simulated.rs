@@ -374,7 +374,7 @@ impl SimulatedHost {
             .filter(|gpu| !events.lost.contains(&gpu.uuid))
             .collect();
         let mut memory = GpuMemory::default();
-        memory.scanned(present.iter().map(|gpu| (gpu.index, gpu.uuid.clone())), &[]);
+        memory.scanned(present.iter().map(|gpu| (gpu.index, gpu.uuid.clone())), []);
         Ok(Self {
             fixture: fixture.to_path_buf(),
             state: Mutex::new(SimulatedState {
@@ -383,11 +383,6 @@ impl SimulatedHost {
                 last_seq: events.last_seq(),
             }),
         })
-    }
-
-    /// The fixture this host is read from.
-    pub fn fixture(&self) -> &Path {
-        &self.fixture
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, SimulatedState> {
@@ -404,22 +399,14 @@ impl GpuBackend for SimulatedHost {
     fn discover(&self) -> Result<HostInventory, GpuError> {
         let mut inventory = read_host(&self.fixture)?.inventory;
         let events = load_events(&self.fixture, &inventory)?;
-        let mut state = self.state();
         let (lost, present): (Vec<Gpu>, Vec<Gpu>) = std::mem::take(&mut inventory.gpus)
             .into_iter()
             .partition(|gpu| events.lost.contains(&gpu.uuid));
-        inventory.gpus = present;
-        inventory.lost = lost
-            .iter()
-            .map(|gpu| state.memory.lost_gpu(gpu.index))
-            .collect();
-        state.memory.scanned(
-            inventory
-                .gpus
-                .iter()
-                .map(|gpu| (gpu.index, gpu.uuid.clone())),
-            &inventory.lost,
+        inventory.lost = self.state().memory.scanned(
+            present.iter().map(|gpu| (gpu.index, gpu.uuid.clone())),
+            lost.iter().map(|gpu| gpu.index),
         );
+        inventory.gpus = present;
         Ok(inventory)
     }
 

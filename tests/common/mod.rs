@@ -1,10 +1,12 @@
-//! Helpers shared by the integration tests: a real `gpuwarden` daemon in a
-//! temporary state folder, reached over its real Unix socket.
+//! Helpers shared by the integration tests and the benches: a real
+//! `gpuwarden` daemon in a temporary state folder, reached over its real
+//! Unix socket.
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod launch;
 pub mod operator;
 pub mod plane;
+pub mod standin;
 pub mod tls;
 
 use std::path::{Path, PathBuf};
@@ -214,6 +216,17 @@ impl Drop for Daemon {
         let _ = self.child.wait();
         remove_containers(&format!("dev.gpuwarden.node={}", self.node_id));
     }
+}
+
+/// The sample at fraction `p` (0 to 1) of sorted `samples`: for the
+/// benches' p50 and p90.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// A duration in milliseconds, for the benches' figures.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 /// The image the tests run: busybox imported by the test command.
