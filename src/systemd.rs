@@ -79,7 +79,7 @@ impl Notifier {
     }
 
     /// A notifier that sends nothing.
-    pub fn disabled() -> Self {
+    fn disabled() -> Self {
         Self {
             target: None,
             watchdog: None,
@@ -134,11 +134,13 @@ impl Notifier {
 
     /// How often to send `WATCHDOG=1`: half of `WATCHDOG_USEC`, as
     /// `sd_watchdog_enabled(3)` advises; `None` when systemd asked for none.
+    #[cfg(test)]
     pub fn watchdog_interval(&self) -> Option<Duration> {
         self.watchdog
     }
 
     /// `READY=1`: start-up (or a reload) is done.
+    #[cfg(test)]
     pub fn ready(&self) {
         self.send(&[("READY", "1")]);
     }
