@@ -840,7 +840,7 @@ impl Ledger {
         &self,
         state: CreditState,
         billed: Option<(String, BillingPath)>,
-    ) -> Result<(), LedgerError> {
+    ) -> Result<Option<SessionRecord>, LedgerError> {
         self.transaction(move |tx| {
             tx.execute(
                 "INSERT INTO credit_control (session_id, cc_request_number, granted_until_ns, granted_ns,
@@ -867,14 +867,14 @@ impl Ledger {
                     params![state.session_id.0, billed_account_id, path.as_str()],
                 )?;
             }
-            Ok(())
+            session_by(tx, "id", &state.session_id.0)
         })
         .await
     }
 
     /// Credit control of open sessions and of ended ones whose terminate
-    /// is not acknowledged yet.
-    pub async fn credit_states(&self) -> Result<Vec<CreditState>, LedgerError> {
+    /// is not acknowledged yet, each with its session.
+    pub async fn credit_states(&self) -> Result<Vec<(CreditState, SessionRecord)>, LedgerError> {
         self.transaction(|tx| {
             let mut statement = tx.prepare_cached(
                 "SELECT c.session_id, c.cc_request_number, c.granted_until_ns, c.granted_ns,
@@ -909,7 +909,10 @@ impl Ledger {
                             )),
                             _ => None,
                         };
-                        Ok(CreditState {
+                        let session = session_by(tx, "id", &id)?.ok_or_else(|| {
+                            Outcome::Corrupt(format!("session {id} is not in the ledger"))
+                        })?;
+                        let state = CreditState {
                             session_id: SessionId(id),
                             cc_request_number: u64::try_from(number).unwrap_or_default(),
                             granted_until: UnixNanos(until),
@@ -917,7 +920,8 @@ impl Ledger {
                             final_unit,
                             reported_until: reported.map(UnixNanos),
                             released_at: released.map(UnixNanos),
-                        })
+                        };
+                        Ok((state, session))
                     },
                 )
                 .collect()

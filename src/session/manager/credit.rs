@@ -117,15 +117,12 @@ impl SessionManager {
                 granted.billing_path.unwrap_or(session.billing_path),
             )
         });
-        self.ledger
+        let granted_session = self
+            .ledger
             .record_credit(credit::state_after(&session.id, 0, &granted, None), billed)
             .await?;
         tracing::info!(session = %session.id, until = %granted.until, final_unit = granted.final_unit.is_some(), "control plane granted the session");
-        Ok(self
-            .ledger
-            .get(&session.id)
-            .await?
-            .unwrap_or_else(|| session.clone()))
+        Ok(granted_session.unwrap_or_else(|| session.clone()))
     }
 
     /// Every second in control-plane mode: updates grants that run low,
@@ -135,10 +132,7 @@ impl SessionManager {
         let Some(credit) = &self.credit else {
             return Ok(());
         };
-        for state in self.ledger.credit_states().await? {
-            let Some(session) = self.ledger.get(&state.session_id).await? else {
-                continue;
-            };
+        for (state, session) in self.ledger.credit_states().await? {
             let result = match session.state {
                 SessionState::Ended => self.terminate(credit, &state, &session).await,
                 SessionState::Running => self.keep_granted(credit, &state, session).await,
