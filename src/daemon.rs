@@ -17,9 +17,9 @@ use crate::api::server::{self, ApiError};
 use crate::clock::Clock as _;
 use crate::clock::SystemClock;
 use crate::config::{Config, Mode};
-use crate::control_plane::LinkState;
 use crate::control_plane::client::{ClientSetupError, GrpcControlPlane};
 use crate::control_plane::link::Link;
+use crate::control_plane::{ControlPlane, LinkState, Observed};
 use crate::events::EventBus;
 use crate::gpu::{self, GpuError};
 use crate::ledger::{Ledger, LedgerError};
@@ -86,12 +86,22 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // Control-plane mode: the client is prepared (TLS files read) now; it
     // dials once everything else serves.
     let credit = match &config.mode {
-        Mode::ControlPlane(cp) => Some(CreditControl {
-            plane: Arc::new(GrpcControlPlane::new(cp).await?),
-            link: Arc::new(LinkState::down_from(SystemClock.now())),
-            offline_grace: cp.offline_grace,
-            node_id: config.node_id.clone(),
-        }),
+        Mode::ControlPlane(cp) => {
+            let link = Arc::new(LinkState::down_from(SystemClock.now()));
+            let grpc: Arc<dyn ControlPlane> = Arc::new(GrpcControlPlane::new(cp).await?);
+            Some(CreditControl {
+                // Every call's answer or failure tells the link's state.
+                plane: Arc::new(Observed::new(
+                    grpc,
+                    Arc::clone(&link),
+                    Arc::new(SystemClock),
+                )),
+                link,
+                retries: Arc::default(),
+                offline_grace: cp.offline_grace,
+                node_id: config.node_id.clone(),
+            })
+        }
         Mode::Standalone { .. } => None,
     };
     let mut sessions = SessionManager::new(

@@ -86,6 +86,22 @@ pub fn read_answer(answer: proto::CreditControlAnswer, now: UnixNanos) -> Result
     })
 }
 
+/// The state before the answer to CCR-Initial, recorded before it is
+/// sent: no grant yet (it runs out at `now`), and a terminate owed until
+/// an answer says otherwise, since the control plane may grant and the
+/// answer be lost.
+pub fn pending(session: &SessionId, now: UnixNanos) -> CreditState {
+    CreditState {
+        session_id: session.clone(),
+        cc_request_number: 0,
+        granted_until: now,
+        granted_ns: 0,
+        final_unit: None,
+        reported_until: None,
+        released_at: None,
+    }
+}
+
 /// The state after an answer to request `number`.
 pub fn state_after(
     session: &SessionId,

@@ -1,8 +1,9 @@
 //! The long-lived tasks of control-plane mode:
 //!
 //! - the link: register, follow `WatchPolicy`, and send `ReportStatus` on
-//!   every session or drain change and periodically; any failure marks the
-//!   link down and reconnects with exponential backoff and jitter;
+//!   every session or drain change and periodically; a failed or ended
+//!   policy stream reconnects with exponential backoff and jitter. Whether
+//!   the link is up is judged from every call's result (`health`);
 //! - usage delivery: batches from the ledger's outbox through
 //!   `ReportUsage`, each record retried until acknowledged (record ids are
 //!   stable, so the control plane deduplicates), and acknowledged records
@@ -11,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use tokio_util::sync::CancellationToken;
 
 use super::{ControlPlane, LinkError, LinkState, policy};
@@ -28,6 +29,10 @@ use crate::proto;
 const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(30);
 const BACKOFF_START: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// While the policy stream holds but calls fail, status reports probe the
+/// control plane at most this far apart, so launches resume within seconds
+/// of it answering again.
+const PROBE_MAX: Duration = Duration::from_secs(5);
 /// Records per `ReportUsage` call.
 const USAGE_BATCH: u32 = 500;
 /// Delivered usage records are kept this long after their session ended.
@@ -71,17 +76,17 @@ impl Link {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut backoff = BACKOFF_START;
         loop {
-            let error = tokio::select! {
+            let (registered, error) = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                error = self.connected() => error,
+                outcome = self.connected() => outcome,
             };
-            if self.state.set_up(false, self.now()) {
-                // It was up: start the backoff over.
-                tracing::warn!(error = %error, "control-plane link down; reconnecting");
+            if registered {
+                // It was connected: start the backoff over.
                 backoff = BACKOFF_START;
-            } else {
-                tracing::debug!(error = %error, "control plane still unreachable");
             }
+            // The link's state (and its log) follows each call's result in
+            // `health`; this only says why the connection is made again.
+            tracing::debug!(error = %error, ?backoff, "reconnecting to the control plane");
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
@@ -91,9 +96,18 @@ impl Link {
     }
 
     /// One connection: register, then follow the policy and report status
-    /// until something fails; returns why.
-    async fn connected(&self) -> LinkError {
+    /// until the policy stream fails or ends; returns whether the node got
+    /// registered, and why the connection ended.
+    ///
+    /// The node counts as registered (and the link as up) once RegisterNode
+    /// is answered: the policy stream is opened alongside, since a server
+    /// may send its response headers only with the first policy (stock
+    /// grpcio servers do). A failed status report does not end the
+    /// connection: while the link is down, status reports probe the control
+    /// plane with backoff, and the first answer brings the link back up.
+    async fn connected(&self) -> (bool, LinkError) {
         let mut events = self.agent.sessions().events().subscribe();
+        let mut link_up = self.state.subscribe();
         let registered = match self
             .plane
             .register_node(proto::RegisterNodeRequest {
@@ -104,37 +118,29 @@ impl Link {
             .await
         {
             Ok(registered) => registered,
-            Err(error) => return error,
+            Err(error) => return (false, error),
         };
         let interval = match registered.status_interval_seconds {
             0 => DEFAULT_STATUS_INTERVAL,
             seconds => Duration::from_secs(u64::from(seconds)),
         };
-        let mut policies = match self
-            .plane
-            .watch_policy(proto::WatchPolicyRequest {
-                node_id: self.agent.node_id().to_owned(),
-                known_version: self.state.policy_version(),
-            })
-            .await
-        {
-            Ok(stream) => stream,
-            Err(error) => return error,
-        };
-        if self.state.set_up(true, self.now()) {
-            tracing::info!("control-plane link up");
-        }
-        if let Err(error) = self.report_status().await {
-            return error;
-        }
+        let watch = self.plane.watch_policy(proto::WatchPolicyRequest {
+            node_id: self.agent.node_id().to_owned(),
+            known_version: self.state.policy_version(),
+        });
+        let mut policies = std::pin::pin!(futures_util::stream::once(watch).try_flatten());
+        let _ = self.report_status().await;
         let mut ticks = tokio::time::interval(interval);
         ticks.tick().await;
+        let mut probe_backoff = BACKOFF_START;
+        let probe = tokio::time::sleep(probe_backoff);
+        tokio::pin!(probe);
         loop {
             tokio::select! {
                 update = policies.next() => match update {
                     Some(Ok(update)) => self.apply_policy(update),
-                    Some(Err(error)) => return error,
-                    None => return LinkError::Unreachable("the policy stream ended".into()),
+                    Some(Err(error)) => return (true, error),
+                    None => return (true, LinkError::Unreachable("the policy stream ended".into())),
                 },
                 event = events.recv() => {
                     let changed = match event {
@@ -145,14 +151,28 @@ impl Link {
                         // Missed some: report to be sure.
                         Err(_) => true,
                     };
-                    if changed && let Err(error) = self.report_status().await {
-                        return error;
+                    if changed {
+                        let _ = self.report_status().await;
                     }
                 }
                 _ = ticks.tick() => {
-                    if let Err(error) = self.report_status().await {
-                        return error;
+                    let _ = self.report_status().await;
+                }
+                changed = link_up.changed() => {
+                    if changed.is_err() {
+                        return (true, LinkError::Unreachable("the link's state is gone".into()));
                     }
+                    if !*link_up.borrow_and_update() {
+                        // Down while connected: probe from now on.
+                        probe_backoff = BACKOFF_START;
+                        probe.as_mut().reset(tokio::time::Instant::now() + probe_backoff);
+                    }
+                }
+                () = &mut probe, if !self.state.is_up() => {
+                    if self.report_status().await.is_err() {
+                        probe_backoff = next_backoff(probe_backoff).min(PROBE_MAX);
+                    }
+                    probe.as_mut().reset(tokio::time::Instant::now() + probe_backoff);
                 }
             }
         }
@@ -228,6 +248,7 @@ impl Link {
     pub async fn deliver_usage(self: Arc<Self>, shutdown: CancellationToken) {
         let mut backoff = BACKOFF_START;
         let mut compacted_at = UnixNanos(0);
+        let mut link_up = self.state.subscribe();
         loop {
             let delay = match self.deliver_once().await {
                 Ok(0) => {
@@ -266,6 +287,13 @@ impl Link {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
+                // Back up: what waits goes out now, not after the backoff.
+                changed = link_up.wait_for(|up| *up), if !*link_up.borrow() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    backoff = BACKOFF_START;
+                }
             }
         }
     }

@@ -20,16 +20,17 @@
 
 pub mod client;
 pub mod credit;
+pub mod health;
 pub mod link;
 pub mod policy;
 
+pub use health::{LinkState, Observed, Retries};
+
 use std::fmt::Debug;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use futures_util::Stream;
 
-use crate::clock::UnixNanos;
 use crate::proto;
 
 /// The control plane did not answer as it should.
@@ -50,7 +51,7 @@ impl From<tonic::Status> for LinkError {
     fn from(status: tonic::Status) -> Self {
         match status.code() {
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                Self::Unreachable(status.message().to_owned())
+                Self::Unreachable(transport_cause(&status))
             }
             code => Self::Status {
                 code: format!("{code:?}"),
@@ -58,6 +59,61 @@ impl From<tonic::Status> for LinkError {
             },
         }
     }
+}
+
+/// Why a call did not reach the control plane: tonic's message, the
+/// causes under it (connect, TLS, I/O), and for a certificate problem what
+/// to change.
+fn transport_cause(status: &tonic::Status) -> String {
+    let mut text = status.message().to_owned();
+    if let Some(source) = std::error::Error::source(status) {
+        let causes = crate::error::chain(source);
+        if !text.contains(&causes) {
+            text.push_str(": ");
+            text.push_str(&causes);
+        }
+    }
+    if let Some(hint) = tls_hint(&text) {
+        text.push_str(" (");
+        text.push_str(hint);
+        text.push(')');
+    }
+    text
+}
+
+/// What a rustls certificate error means for the operator, read from its
+/// message (rustls names the problem, e.g. `UnknownIssuer`).
+fn tls_hint(cause: &str) -> Option<&'static str> {
+    const HINTS: [(&str, &str); 6] = [
+        (
+            "UnknownIssuer",
+            "unknown CA: the control plane's certificate is not signed by the CA in control_plane.ca",
+        ),
+        (
+            "NotValidForName",
+            "wrong name: the control plane's certificate does not name the endpoint's host",
+        ),
+        (
+            "Expired",
+            "the control plane's certificate has expired (or this host's clock is wrong)",
+        ),
+        (
+            "NotValidYet",
+            "the control plane's certificate is not valid yet (or this host's clock is wrong)",
+        ),
+        (
+            "CertificateRequired",
+            "the control plane wants a client certificate: set control_plane.tls_cert and tls_key",
+        ),
+        (
+            "received fatal alert",
+            "the control plane refused this agent's certificate: is control_plane.tls_cert signed by a CA the control plane trusts, and does it name this node?",
+        ),
+    ];
+    HINTS
+        .iter()
+        .find(|(needle, _)| cause.contains(needle))
+        .map(|(_, hint)| *hint)
 }
 
 pub type PolicyStream = Pin<Box<dyn Stream<Item = Result<proto::PolicyUpdate, LinkError>> + Send>>;
@@ -87,55 +143,4 @@ pub trait ControlPlane: Send + Sync + Debug + 'static {
     async fn release_session(&self, request: proto::ReleaseSessionRequest)
     -> Result<(), LinkError>;
     async fn report_usage(&self, batch: proto::UsageBatch) -> Result<proto::UsageAck, LinkError>;
-}
-
-/// Whether the link is up, since when, and which policy version is held:
-/// read by launches (fail closed), the offline grace, metrics and `ctl`.
-#[derive(Debug, Default)]
-pub struct LinkState {
-    up: AtomicBool,
-    /// When `up` last changed (ns since the epoch; 0: never).
-    changed_at: AtomicI64,
-    /// The policy version in force (0: none yet).
-    policy_version: AtomicU64,
-}
-
-impl LinkState {
-    pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::SeqCst)
-    }
-
-    /// Marks the link up or down at `at`; returns whether that changed it.
-    pub fn set_up(&self, up: bool, at: UnixNanos) -> bool {
-        let was = self.up.swap(up, Ordering::SeqCst);
-        if was != up {
-            self.changed_at.store(at.0, Ordering::SeqCst);
-        }
-        was != up
-    }
-
-    /// When the link went down (or the agent started without it).
-    pub fn down_since(&self) -> Option<UnixNanos> {
-        (!self.is_up()).then(|| UnixNanos(self.changed_at.load(Ordering::SeqCst)))
-    }
-
-    /// When the link last went up or down.
-    pub fn changed_at(&self) -> UnixNanos {
-        UnixNanos(self.changed_at.load(Ordering::SeqCst))
-    }
-
-    pub fn policy_version(&self) -> u64 {
-        self.policy_version.load(Ordering::SeqCst)
-    }
-
-    pub fn set_policy_version(&self, version: u64) {
-        self.policy_version.store(version, Ordering::SeqCst);
-    }
-
-    /// Starts down, counted from `at` (the offline grace runs from start).
-    pub fn down_from(at: UnixNanos) -> Self {
-        let state = Self::default();
-        state.changed_at.store(at.0, Ordering::SeqCst);
-        state
-    }
 }

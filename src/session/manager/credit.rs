@@ -18,21 +18,33 @@ use super::{DEFAULT_STOP_GRACE, SessionManager};
 use crate::api::convert;
 use crate::clock::UnixNanos;
 use crate::control_plane::credit::{self, REQUESTED_SERVICE};
-use crate::control_plane::{ControlPlane, LinkError, LinkState};
+use crate::control_plane::{ControlPlane, LinkError, LinkState, Retries};
 use crate::error::{Reason, Refusal};
 use crate::ledger::{Actor, CreditState};
 use crate::policy::OnBalanceExhausted;
 use crate::proto;
-use crate::session::{EndReason, Scope, SessionRecord, SessionState};
+use crate::session::{EndReason, Scope, SessionId, SessionRecord, SessionState};
 
 /// What the session manager needs of the control plane.
 #[derive(Debug, Clone)]
 pub struct CreditControl {
+    /// Every call's result is told to `link` (an [`crate::control_plane::Observed`]).
     pub plane: Arc<dyn ControlPlane>,
     pub link: Arc<LinkState>,
+    /// When each session's failed ExtendGrant or ReleaseSession goes out again.
+    pub retries: Arc<Retries>,
     pub offline_grace: Duration,
     pub node_id: String,
 }
+
+/// A CCR-Initial that did not reach the control plane is sent again this
+/// often at most, with the same session id (the control plane answers a
+/// repeat the same)...
+const AUTHORIZE_ATTEMPTS: u32 = 3;
+/// ... and only while the launch has waited less than this: a call that
+/// timed out is not repeated inside the caller's launch.
+const AUTHORIZE_RETRY_WITHIN: Duration = Duration::from_secs(5);
+const AUTHORIZE_BACKOFF: Duration = Duration::from_millis(250);
 
 impl CreditControl {
     /// Launches fail closed: no link or no policy yet, no launch.
@@ -50,12 +62,15 @@ impl CreditControl {
         Ok(())
     }
 
-    /// A call failed: the link is down from `now` (the link task brings it
-    /// back up).
-    fn lost(&self, error: &LinkError, now: UnixNanos) {
-        if self.link.set_up(false, now) {
-            tracing::warn!(error = %error, "control-plane link down");
-        }
+    /// Whether `session` has gone without credit for the offline grace: the
+    /// link has been down that long, or this session's own calls have
+    /// failed that long while others were answered.
+    fn offline_grace_over(&self, session: &SessionId, now: UnixNanos) -> bool {
+        let grace = i64::try_from(self.offline_grace.as_nanos()).unwrap_or(i64::MAX);
+        [self.link.down_since(), self.retries.failing_since(session)]
+            .into_iter()
+            .flatten()
+            .any(|since| now.0.saturating_sub(since.0) >= grace)
     }
 }
 
@@ -101,16 +116,30 @@ impl SessionManager {
             requested_service_seconds: u32::try_from(REQUESTED_SERVICE.as_secs())
                 .unwrap_or(u32::MAX),
         };
-        let answer = match credit.plane.authorize_session(request).await {
-            Ok(answer) => answer,
-            Err(error) => {
-                credit.lost(&error, now);
-                return Err(unavailable(&format!(
-                    "the control plane did not authorize the session ({error})"
-                )));
+        // Recorded before the call: should the answer be lost (a timeout,
+        // a crash), the control plane may have granted, and the release of
+        // that grant is owed like any other (the credit tick sends it once
+        // the session has ended).
+        self.ledger
+            .record_credit(credit::pending(&session.id, now), None)
+            .await?;
+        let answer = self.send_authorize(credit, request).await?;
+        let granted = match credit::read_answer(answer, self.clock.now()) {
+            Ok(granted) => granted,
+            Err(refusal) => {
+                // Denied: nothing was granted, nothing is owed.
+                self.ledger
+                    .record_credit(
+                        CreditState {
+                            released_at: Some(self.clock.now()),
+                            ..credit::pending(&session.id, now)
+                        },
+                        None,
+                    )
+                    .await?;
+                return Err(refusal);
             }
         };
-        let granted = credit::read_answer(answer, self.clock.now())?;
         let billed = (!granted.billed_account_id.is_empty()).then(|| {
             (
                 granted.billed_account_id.clone(),
@@ -123,6 +152,37 @@ impl SessionManager {
             .await?;
         tracing::info!(session = %session.id, until = %granted.until, final_unit = granted.final_unit.is_some(), "control plane granted the session");
         Ok(granted_session.unwrap_or_else(|| session.clone()))
+    }
+
+    /// Sends a CCR-Initial; one that did not reach the control plane quickly
+    /// is sent again, so a single lost call does not refuse the launch.
+    async fn send_authorize(
+        &self,
+        credit: &CreditControl,
+        request: proto::AuthorizeSessionRequest,
+    ) -> Result<proto::CreditControlAnswer, Refusal> {
+        let began = tokio::time::Instant::now();
+        let mut backoff = AUTHORIZE_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            match credit.plane.authorize_session(request.clone()).await {
+                Ok(answer) => return Ok(answer),
+                Err(error @ LinkError::Unreachable(_))
+                    if attempt < AUTHORIZE_ATTEMPTS
+                        && began.elapsed() + backoff < AUTHORIZE_RETRY_WITHIN =>
+                {
+                    tracing::info!(session = %request.session_id, attempt, error = %error, "AuthorizeSession did not reach the control plane; sending it again");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    attempt += 1;
+                }
+                Err(error) => {
+                    return Err(unavailable(&format!(
+                        "the control plane did not authorize the session ({error})"
+                    )));
+                }
+            }
+        }
     }
 
     /// Every second in control-plane mode: updates grants that run low,
@@ -161,7 +221,8 @@ impl SessionManager {
         if !credit::update_due(state, now) {
             return Ok(());
         }
-        if credit.link.is_up() {
+        let generation = credit.link.generation();
+        if credit.retries.due(&session.id, now, generation) {
             let from = state.reported_until.or(session.started_at).unwrap_or(now);
             let number = state.cc_request_number + 1;
             let request = proto::ExtendGrantRequest {
@@ -174,6 +235,7 @@ impl SessionManager {
             };
             match credit.plane.extend_grant(request).await {
                 Ok(answer) => {
+                    credit.retries.answered(&session.id);
                     let next = match credit::read_answer(answer, now) {
                         Ok(granted) => {
                             credit::state_after(&session.id, number, &granted, Some(now))
@@ -194,16 +256,16 @@ impl SessionManager {
                     self.ledger.record_credit(next, None).await?;
                     return Ok(());
                 }
-                Err(error) => credit.lost(&error, now),
+                Err(error) => {
+                    credit.retries.failed(&session.id, now, generation);
+                    tracing::info!(session = %session.id, error = %error, until = %state.granted_until, "ExtendGrant failed; sent again with backoff");
+                }
             }
         }
-        // Offline: the grant is used up; the session runs on for the offline
-        // grace, then follows the policy.
-        let down_since = credit.link.down_since().unwrap_or(now);
-        let grace = i64::try_from(credit.offline_grace.as_nanos()).unwrap_or(i64::MAX);
-        let offline_over = now.0.saturating_sub(down_since.0) >= grace;
+        // Not extended: the grant is used up; the session runs on for the
+        // offline grace, then follows the policy.
         if now >= state.granted_until
-            && offline_over
+            && credit.offline_grace_over(&session.id, now)
             && self.policy().enforcement().on_balance_exhausted == OnBalanceExhausted::Stop
         {
             tracing::warn!(session = %session.id, "the control plane stayed unreachable past the offline grace; stopping");
@@ -225,10 +287,11 @@ impl SessionManager {
         state: &CreditState,
         session: &SessionRecord,
     ) -> Result<(), Refusal> {
-        if !credit.link.is_up() {
+        let now = self.clock.now();
+        let generation = credit.link.generation();
+        if !credit.retries.due(&session.id, now, generation) {
             return Ok(());
         }
-        let now = self.clock.now();
         let ended_at = session.ended_at;
         let used = match (state.reported_until.or(session.started_at), ended_at) {
             (Some(from), Some(to)) => Some(credit::used_units(&session.devices, from, to)),
@@ -244,6 +307,7 @@ impl SessionManager {
         };
         match credit.plane.release_session(request).await {
             Ok(()) => {
+                credit.retries.answered(&session.id);
                 self.ledger
                     .record_credit(
                         CreditState {
@@ -256,7 +320,10 @@ impl SessionManager {
                     .await?;
                 tracing::info!(session = %session.id, "session released at the control plane");
             }
-            Err(error) => credit.lost(&error, now),
+            Err(error) => {
+                credit.retries.failed(&session.id, now, generation);
+                tracing::info!(session = %session.id, error = %error, "ReleaseSession failed; sent again with backoff");
+            }
         }
         Ok(())
     }
