@@ -109,8 +109,11 @@ impl Refusal {
 /// An error and its sources joined with `: `, for one log or terminal line.
 /// A source whose text its parent already quotes is not repeated.
 pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
+    chain_onto(error.to_string(), error.source())
+}
+
+/// `text`, then each cause from `source` on that it does not already say.
+pub fn chain_onto(mut text: String, mut source: Option<&dyn std::error::Error>) -> String {
     while let Some(cause) = source {
         let cause_text = cause.to_string();
         if !text.contains(&cause_text) {

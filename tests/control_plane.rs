@@ -11,58 +11,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::launch::{gpus, launch_as, sh};
 use common::operator::stop;
-use common::plane::{TestPlane, test_policy};
+use common::plane::{TestPlane, delivered_ms, ended, launch, link, test_policy, wait_linked};
 use common::{Daemon, wait_for_session};
 use gpuwarden::api::status::reason_of;
 use gpuwarden::proto;
-use gpuwarden::proto::node_agent_client::NodeAgentClient;
-use tonic::transport::Channel;
-
-/// u-alice's launch of one GPU, in org `org`'s scope where one is given.
-fn launch(request_id: &str, org: Option<&str>) -> proto::LaunchRequest {
-    // Exits promptly on SIGTERM, as well-behaved workloads do.
-    let command = sh("trap 'exit 0' TERM; sleep 300 & wait");
-    launch_as(request_id, "u-alice", org, gpus(1), &command)
-}
-
-async fn link(client: &mut NodeAgentClient<Channel>) -> proto::ControlPlaneLink {
-    client
-        .get_inventory(proto::GetInventoryRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .control_plane
-        .expect("control-plane mode shows its link")
-}
-
-/// Waits until the link is up with a policy in force.
-async fn wait_linked(client: &mut NodeAgentClient<Channel>) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let link = link(client).await;
-        if link.up && link.policy_version > 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never linked: {link:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn ended(reason: proto::EndReason) -> impl Fn(&proto::Session) -> bool {
-    move |s| s.state == proto::SessionState::Ended as i32 && s.end_reason == reason as i32
-}
-
-/// Device milliseconds the control plane stored for `session`.
-fn delivered_ms(record: &common::plane::Record, session: &str) -> i64 {
-    record
-        .usage
-        .values()
-        .filter(|r| r.session_id == session)
-        .map(|r| r.device_milliseconds)
-        .sum()
-}
 
 #[tokio::test]
 async fn sessions_are_authorized_reported_released_and_their_usage_delivered() {

@@ -1,6 +1,7 @@
 //! [`ControlPlane`] over gRPC with mutual TLS (tonic on rustls). The
-//! channel connects lazily and reconnects by itself; each call has a
-//! deadline, so a control plane that hangs reads as unreachable.
+//! channel connects lazily and reconnects by itself; each unary call has a
+//! deadline, kept on this side too, so a control plane that hangs reads as
+//! unreachable.
 
 use std::time::Duration;
 
@@ -91,22 +92,34 @@ fn with_deadline<T>(message: T) -> tonic::Request<T> {
     request
 }
 
+/// A unary call, cut at the deadline on this side too: `grpc-timeout`
+/// only asks the server to give up, and a stuck server (or a path that
+/// drops packets) never answers.
+async fn unary<T>(
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, LinkError> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(answer) => Ok(answer?.into_inner()),
+        Err(_) => Err(LinkError::Unreachable(format!(
+            "no answer within {} s",
+            CALL_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
 #[async_trait::async_trait]
 impl ControlPlane for GrpcControlPlane {
     async fn register_node(
         &self,
         request: proto::RegisterNodeRequest,
     ) -> Result<proto::RegisterNodeResponse, LinkError> {
-        Ok(self
-            .client()
-            .register_node(with_deadline(request))
-            .await?
-            .into_inner())
+        unary(self.client().register_node(with_deadline(request))).await
     }
 
     async fn report_status(&self, status: proto::NodeStatus) -> Result<(), LinkError> {
-        self.client().report_status(with_deadline(status)).await?;
-        Ok(())
+        unary(self.client().report_status(with_deadline(status)))
+            .await
+            .map(drop)
     }
 
     async fn watch_policy(
@@ -122,39 +135,26 @@ impl ControlPlane for GrpcControlPlane {
         &self,
         request: proto::AuthorizeSessionRequest,
     ) -> Result<proto::CreditControlAnswer, LinkError> {
-        Ok(self
-            .client()
-            .authorize_session(with_deadline(request))
-            .await?
-            .into_inner())
+        unary(self.client().authorize_session(with_deadline(request))).await
     }
 
     async fn extend_grant(
         &self,
         request: proto::ExtendGrantRequest,
     ) -> Result<proto::CreditControlAnswer, LinkError> {
-        Ok(self
-            .client()
-            .extend_grant(with_deadline(request))
-            .await?
-            .into_inner())
+        unary(self.client().extend_grant(with_deadline(request))).await
     }
 
     async fn release_session(
         &self,
         request: proto::ReleaseSessionRequest,
     ) -> Result<(), LinkError> {
-        self.client()
-            .release_session(with_deadline(request))
-            .await?;
-        Ok(())
+        unary(self.client().release_session(with_deadline(request)))
+            .await
+            .map(drop)
     }
 
     async fn report_usage(&self, batch: proto::UsageBatch) -> Result<proto::UsageAck, LinkError> {
-        Ok(self
-            .client()
-            .report_usage(with_deadline(batch))
-            .await?
-            .into_inner())
+        unary(self.client().report_usage(with_deadline(batch))).await
     }
 }

@@ -51,8 +51,8 @@ struct Health {
     /// How many times the link came up: retries scheduled before the last
     /// time go out at once.
     generation: u64,
-    /// The cause last logged while down, so a new cause is logged once.
-    cause: Option<String>,
+    /// The causes logged since the link was last up: each is logged once.
+    causes: Vec<String>,
 }
 
 impl LinkState {
@@ -65,7 +65,7 @@ impl LinkState {
                 failures: 0,
                 failing_since: None,
                 generation: 0,
-                cause: None,
+                causes: Vec::new(),
             }),
             up: watch::Sender::new(false),
             policy_version: AtomicU64::new(0),
@@ -133,7 +133,7 @@ impl LinkState {
         self.change(|health| {
             health.failures = 0;
             health.failing_since = None;
-            health.cause = None;
+            health.causes.clear();
             if !health.up {
                 let down_for = Duration::from_nanos(
                     u64::try_from(at.0.saturating_sub(health.changed_at.0)).unwrap_or(0),
@@ -159,17 +159,21 @@ impl LinkState {
                     health.up = false;
                     health.changed_at = since;
                     tracing::warn!(call, failures, error = %cause, "control-plane link down; retrying with backoff");
-                    health.cause = Some(cause);
+                    health.causes.push(cause);
                 } else {
                     tracing::info!(call, failures, error = %cause, "a control-plane call failed; retried before the link counts as down");
                 }
-            } else if health.cause.as_deref() != Some(cause.as_str()) {
-                if health.generation == 0 && health.cause.is_none() {
+            } else if !health.causes.contains(&cause) {
+                if health.generation == 0 && health.causes.is_empty() {
                     tracing::warn!(call, error = %cause, "the control-plane link does not come up; retrying with backoff");
                 } else {
                     tracing::warn!(call, error = %cause, "the control-plane link is still down, for another cause");
                 }
-                health.cause = Some(cause);
+                // Bounded: a cause that names something changing (a port,
+                // a count) must not grow this without end.
+                if health.causes.len() < 16 {
+                    health.causes.push(cause);
+                }
             } else {
                 tracing::debug!(call, failures, error = %cause, "control plane still unreachable");
             }

@@ -49,10 +49,14 @@ pub enum LinkError {
 
 impl From<tonic::Status> for LinkError {
     fn from(status: tonic::Status) -> Self {
+        // A status with a source was made on this side from a transport
+        // error (connect, TLS, a reset), whatever its code.
+        let transport = std::error::Error::source(&status).is_some();
         match status.code() {
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
                 Self::Unreachable(transport_cause(&status))
             }
+            _ if transport => Self::Unreachable(transport_cause(&status)),
             code => Self::Status {
                 code: format!("{code:?}"),
                 message: status.message().to_owned(),
@@ -65,14 +69,10 @@ impl From<tonic::Status> for LinkError {
 /// causes under it (connect, TLS, I/O), and for a certificate problem what
 /// to change.
 fn transport_cause(status: &tonic::Status) -> String {
-    let mut text = status.message().to_owned();
-    if let Some(source) = std::error::Error::source(status) {
-        let causes = crate::error::chain(source);
-        if !text.contains(&causes) {
-            text.push_str(": ");
-            text.push_str(&causes);
-        }
-    }
+    let mut text = crate::error::chain_onto(
+        status.message().to_owned(),
+        std::error::Error::source(status),
+    );
     if let Some(hint) = tls_hint(&text) {
         text.push_str(" (");
         text.push_str(hint);
@@ -90,24 +90,24 @@ fn tls_hint(cause: &str) -> Option<&'static str> {
             "unknown CA: the control plane's certificate is not signed by the CA in control_plane.ca",
         ),
         (
-            "NotValidForName",
+            "not valid for name",
             "wrong name: the control plane's certificate does not name the endpoint's host",
         ),
         (
-            "Expired",
+            "certificate expired",
             "the control plane's certificate has expired (or this host's clock is wrong)",
         ),
         (
-            "NotValidYet",
+            "certificate not valid yet",
             "the control plane's certificate is not valid yet (or this host's clock is wrong)",
         ),
         (
-            "CertificateRequired",
+            "received fatal alert: CertificateRequired",
             "the control plane wants a client certificate: set control_plane.tls_cert and tls_key",
         ),
         (
             "received fatal alert",
-            "the control plane refused this agent's certificate: is control_plane.tls_cert signed by a CA the control plane trusts, and does it name this node?",
+            "the control plane refused this agent's certificate: is control_plane.tls_cert signed by a CA the control plane trusts?",
         ),
     ];
     HINTS

@@ -48,6 +48,8 @@ pub struct Daemon {
     pub config: PathBuf,
     /// Extra environment of the daemon process, kept for restarts.
     env: Vec<(String, String)>,
+    /// Where its stderr goes, when not to the test's (see `start_logged`).
+    log: Option<PathBuf>,
     child: Child,
 }
 
@@ -64,6 +66,15 @@ impl Daemon {
 
     /// `start`, with these variables in the daemon's environment.
     pub fn start_with_env(fixture_name: &str, extra: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_inner(fixture_name, extra, env, false)
+    }
+
+    /// `start`, with the daemon's log written to a file that `log` reads.
+    pub fn start_logged(fixture_name: &str, extra: &str) -> Self {
+        Self::start_inner(fixture_name, extra, &[], true)
+    }
+
+    fn start_inner(fixture_name: &str, extra: &str, env: &[(&str, &str)], logged: bool) -> Self {
         // Tests run side by side: metrics on a port of their own.
         let extra = if extra.contains("[metrics]") {
             extra.to_owned()
@@ -96,14 +107,42 @@ impl Daemon {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        let child = spawn(&config, &env);
+        let log = logged.then(|| dir.path().join("daemon.log"));
+        let child = spawn(&config, &env, log.as_deref());
         Self {
             dir,
             node_id,
             socket,
             config,
             env,
+            log,
             child,
+        }
+    }
+
+    /// What the daemon logged so far (`start_logged` only).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.as_ref().expect("started with start_logged"))
+            .unwrap_or_default()
+    }
+
+    /// Polls the log until it has a line with every one of `words`
+    /// (bounded); returns that line.
+    pub async fn wait_for_log(&self, words: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            if let Some(line) = log
+                .lines()
+                .find(|line| words.iter().all(|w| line.contains(w)))
+            {
+                return line.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon never logged a line with {words:?}:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -127,7 +166,7 @@ impl Daemon {
             self.child.try_wait().unwrap().is_some(),
             "the daemon still runs"
         );
-        self.child = spawn(&self.config, &self.env);
+        self.child = spawn(&self.config, &self.env, self.log.as_deref());
     }
 
     /// Waits until the daemon answers on its socket (polling, bounded).
@@ -199,13 +238,23 @@ impl Daemon {
     }
 }
 
-fn spawn(config: &Path, env: &[(String, String)]) -> Child {
+fn spawn(config: &Path, env: &[(String, String)], log: Option<&Path>) -> Child {
+    let stderr = match log {
+        Some(path) => Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .unwrap(),
+        ),
+        None => Stdio::inherit(),
+    };
     Command::new(BIN)
         .args(["run", "--config"])
         .arg(config)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .unwrap()
 }

@@ -6,17 +6,19 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::{Stream, StreamExt as _};
 use gpuwarden::proto;
 use gpuwarden::proto::control_plane_server::{ControlPlane, ControlPlaneServer};
+use gpuwarden::proto::node_agent_client::NodeAgentClient;
 use rcgen::ExtendedKeyUsagePurpose;
 use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::{TcpListenerStream, WatchStream};
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Channel, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
+use super::launch::{gpus, launch_as, sh};
 use super::tls::{Ca, write};
 
 /// What the control plane answers; tests flip these while it runs.
@@ -41,6 +43,24 @@ pub struct Switches {
     pub duplicate_acks: bool,
     /// Whose balance pays for org sessions, when not the org itself.
     pub billed_account: Option<String>,
+    /// The next N calls of a method answer UNAVAILABLE before doing
+    /// anything; then it answers again.
+    pub fail_next: BTreeMap<Call, u32>,
+    /// The next N calls of a method never answer and do nothing (stuck
+    /// before their commit): the agent's call deadline cuts them.
+    pub hang_next: BTreeMap<Call, u32>,
+}
+
+/// The methods of the `ControlPlane` service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Call {
+    RegisterNode,
+    ReportStatus,
+    WatchPolicy,
+    AuthorizeSession,
+    ExtendGrant,
+    ReleaseSession,
+    ReportUsage,
 }
 
 impl Default for Switches {
@@ -55,6 +75,8 @@ impl Default for Switches {
             hold_usage_acks: false,
             duplicate_acks: false,
             billed_account: None,
+            fail_next: BTreeMap::new(),
+            hang_next: BTreeMap::new(),
         }
     }
 }
@@ -71,6 +93,31 @@ pub struct Record {
     pub usage: BTreeMap<String, proto::UsageRecord>,
     /// Every record received, duplicates included.
     pub usage_received: usize,
+    /// Calls lost on purpose (`fail_next`, `hang_next`), by method.
+    pub lost: BTreeMap<Call, u32>,
+}
+
+impl Record {
+    /// The ExtendGrant calls for `session` that were taken, in order.
+    pub fn extensions_of(&self, session: &str) -> Vec<&proto::ExtendGrantRequest> {
+        self.extensions
+            .iter()
+            .filter(|r| r.session_id == session)
+            .collect()
+    }
+
+    /// How many calls of `call` were lost on purpose.
+    pub fn lost_calls(&self, call: Call) -> u32 {
+        self.lost.get(&call).copied().unwrap_or_default()
+    }
+
+    /// How many ReleaseSession calls for `session` were taken.
+    pub fn releases_of(&self, session: &str) -> usize {
+        self.releases
+            .iter()
+            .filter(|r| r.session_id == session)
+            .count()
+    }
 }
 
 #[derive(Debug)]
@@ -101,6 +148,17 @@ impl TestPlane {
     /// Starts on a free port with `policy` as version 1;
     /// `offline_grace_seconds` goes into the agent's config.
     pub async fn start(policy: proto::Policy, offline_grace_seconds: u64) -> Self {
+        Self::start_with(Some(policy), offline_grace_seconds).await
+    }
+
+    /// Starts with no policy yet, answering `WatchPolicy` as stock grpcio
+    /// servers do: the response headers come only with the first policy
+    /// (see `publish`).
+    pub async fn start_without_policy(offline_grace_seconds: u64) -> Self {
+        Self::start_with(None, offline_grace_seconds).await
+    }
+
+    async fn start_with(policy: Option<proto::Policy>, offline_grace_seconds: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::new("test control plane CA");
         let (server_cert, server_key) = ca.issue("localhost", ExtendedKeyUsagePurpose::ServerAuth);
@@ -118,8 +176,8 @@ impl TestPlane {
             write(dir.path(), "ca.pem", &ca.cert.pem()),
         );
         let (policy, _) = watch::channel(proto::PolicyUpdate {
-            version: 1,
-            policy: Some(policy),
+            version: u64::from(policy.is_some()),
+            policy,
         });
         let mut plane = Self {
             shared: Arc::new(Shared {
@@ -162,11 +220,11 @@ impl TestPlane {
     /// Serves again on the same address, with the state it had.
     pub async fn restart(&mut self) {
         self.stop();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10);
         let listener = loop {
             match tokio::net::TcpListener::bind(self.addr).await {
                 Ok(listener) => break listener,
-                Err(_) if std::time::Instant::now() < deadline => {
+                Err(_) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(error) => panic!("cannot serve again on {}: {error}", self.addr),
@@ -193,14 +251,14 @@ impl TestPlane {
 
     /// Polls the record until `done` holds (bounded).
     pub async fn wait_for(&self, what: &str, done: impl Fn(&Record) -> bool) -> Record {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let record = self.record();
             if done(&record) {
                 return record;
             }
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "the control plane never saw {what}: {record:#?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -215,10 +273,34 @@ impl Drop for TestPlane {
 }
 
 impl Service {
-    fn switches(&self) -> Result<Switches, Status> {
-        let switches = self.0.switches.lock().unwrap().clone();
-        if switches.down {
-            return Err(Status::unavailable("the test control plane is down"));
+    /// The switches for a call of `call`, or the failure they ask for.
+    async fn enter(&self, call: Call) -> Result<Switches, Status> {
+        let (switches, fail, hang) = {
+            let mut switches = self.0.switches.lock().unwrap();
+            if switches.down {
+                return Err(Status::unavailable("the test control plane is down"));
+            }
+            let take = |counts: &mut BTreeMap<Call, u32>| match counts.get_mut(&call) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    true
+                }
+                _ => false,
+            };
+            let fail = take(&mut switches.fail_next);
+            let hang = take(&mut switches.hang_next);
+            (switches.clone(), fail, hang)
+        };
+        if fail || hang {
+            self.record(|r| *r.lost.entry(call).or_default() += 1);
+        }
+        if fail {
+            return Err(Status::unavailable(format!(
+                "the test control plane lost this {call:?}"
+            )));
+        }
+        if hang {
+            std::future::pending::<()>().await;
         }
         Ok(switches)
     }
@@ -263,7 +345,7 @@ impl ControlPlane for Service {
         &self,
         request: Request<proto::RegisterNodeRequest>,
     ) -> Result<Response<proto::RegisterNodeResponse>, Status> {
-        self.switches()?;
+        self.enter(Call::RegisterNode).await?;
         let request = request.into_inner();
         self.record(|r| r.registrations.push(request));
         Ok(Response::new(proto::RegisterNodeResponse {
@@ -275,7 +357,7 @@ impl ControlPlane for Service {
         &self,
         request: Request<proto::NodeStatus>,
     ) -> Result<Response<proto::ReportStatusResponse>, Status> {
-        self.switches()?;
+        self.enter(Call::ReportStatus).await?;
         let status = request.into_inner();
         self.record(|r| r.statuses.push(status));
         Ok(Response::new(proto::ReportStatusResponse {}))
@@ -285,9 +367,16 @@ impl ControlPlane for Service {
         &self,
         _request: Request<proto::WatchPolicyRequest>,
     ) -> Result<Response<PolicyStream>, Status> {
-        self.switches()?;
+        self.enter(Call::WatchPolicy).await?;
         let mut cut = self.0.cut.subscribe();
-        let updates = WatchStream::new(self.0.policy.subscribe())
+        let mut policy = self.0.policy.subscribe();
+        // No response (and so no headers) before there is a policy.
+        tokio::select! {
+            _ = policy.wait_for(|update| update.version > 0) => {}
+            _ = cut.changed() => return Err(Status::unavailable("the test control plane stops")),
+        }
+        let updates = WatchStream::new(policy)
+            .filter(|update| std::future::ready(update.version > 0))
             .map(Ok)
             .take_until(async move {
                 let _ = cut.changed().await;
@@ -299,7 +388,7 @@ impl ControlPlane for Service {
         &self,
         request: Request<proto::AuthorizeSessionRequest>,
     ) -> Result<Response<proto::CreditControlAnswer>, Status> {
-        let switches = self.switches()?;
+        let switches = self.enter(Call::AuthorizeSession).await?;
         tokio::time::sleep(switches.authorize_delay).await;
         let request = request.into_inner();
         self.record(|r| r.authorizations.push(request.clone()));
@@ -332,7 +421,7 @@ impl ControlPlane for Service {
         &self,
         request: Request<proto::ExtendGrantRequest>,
     ) -> Result<Response<proto::CreditControlAnswer>, Status> {
-        let switches = self.switches()?;
+        let switches = self.enter(Call::ExtendGrant).await?;
         let request = request.into_inner();
         self.record(|r| r.extensions.push(request.clone()));
         if let Some(reason) = &switches.deny_extend {
@@ -355,7 +444,7 @@ impl ControlPlane for Service {
         &self,
         request: Request<proto::ReleaseSessionRequest>,
     ) -> Result<Response<proto::ReleaseSessionResponse>, Status> {
-        self.switches()?;
+        self.enter(Call::ReleaseSession).await?;
         let request = request.into_inner();
         self.record(|r| r.releases.push(request));
         Ok(Response::new(proto::ReleaseSessionResponse {}))
@@ -365,7 +454,7 @@ impl ControlPlane for Service {
         &self,
         request: Request<proto::UsageBatch>,
     ) -> Result<Response<proto::UsageAck>, Status> {
-        let switches = self.switches()?;
+        let switches = self.enter(Call::ReportUsage).await?;
         let batch = request.into_inner();
         let mut ids: Vec<String> = batch.records.iter().map(|r| r.id.clone()).collect();
         self.record(|r| {
@@ -386,6 +475,50 @@ impl ControlPlane for Service {
             acknowledged_ids: ids,
         }))
     }
+}
+
+/// u-alice's launch of one GPU, in org `org`'s scope where one is given.
+pub fn launch(request_id: &str, org: Option<&str>) -> proto::LaunchRequest {
+    // Exits promptly on SIGTERM, as well-behaved workloads do.
+    let command = sh("trap 'exit 0' TERM; sleep 300 & wait");
+    launch_as(request_id, "u-alice", org, gpus(1), &command)
+}
+
+pub async fn link(client: &mut NodeAgentClient<Channel>) -> proto::ControlPlaneLink {
+    client
+        .get_inventory(proto::GetInventoryRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .control_plane
+        .expect("control-plane mode shows its link")
+}
+
+/// Waits until the link is up with a policy in force.
+pub async fn wait_linked(client: &mut NodeAgentClient<Channel>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let link = link(client).await;
+        if link.up && link.policy_version > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never linked: {link:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn ended(reason: proto::EndReason) -> impl Fn(&proto::Session) -> bool {
+    move |s| s.state == proto::SessionState::Ended as i32 && s.end_reason == reason as i32
+}
+
+/// Device milliseconds the control plane stored for `session`.
+pub fn delivered_ms(record: &Record, session: &str) -> i64 {
+    record
+        .usage
+        .values()
+        .filter(|r| r.session_id == session)
+        .map(|r| r.device_milliseconds)
+        .sum()
 }
 
 /// A policy for tests: users alice and bob, org acme (enterprise) with both.
