@@ -323,7 +323,6 @@ async fn launches_resume(client: &mut NodeAgentClient<Channel>, request_id: &str
             }
         }
     }
-    println!("{request_id}: launches resumed after {:?}", began.elapsed());
 }
 
 #[tokio::test]
