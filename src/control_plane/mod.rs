@@ -144,3 +144,29 @@ pub trait ControlPlane: Send + Sync + Debug + 'static {
     -> Result<(), LinkError>;
     async fn report_usage(&self, batch: proto::UsageBatch) -> Result<proto::UsageAck, LinkError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transport_error_is_unreachable_and_a_certificate_problem_says_what_to_change() {
+        let transport = tonic::Status::from_error(Box::new(std::io::Error::other(
+            "invalid peer certificate: UnknownIssuer",
+        )));
+        let LinkError::Unreachable(cause) = LinkError::from(transport) else {
+            panic!("a transport error of any code is unreachable");
+        };
+        assert!(cause.contains("UnknownIssuer"), "{cause}");
+        assert!(cause.contains("unknown CA"), "{cause}");
+        assert!(cause.contains("control_plane.ca"), "{cause}");
+
+        // An answer the server gave keeps its code.
+        let answered = LinkError::from(tonic::Status::permission_denied("not this node"));
+        assert!(
+            matches!(&answered, LinkError::Status { code, .. } if code == "PermissionDenied"),
+            "{answered:?}"
+        );
+        assert_eq!(tls_hint("connection refused"), None);
+    }
+}
