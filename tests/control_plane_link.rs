@@ -59,6 +59,68 @@ fn assert_updates_in_sequence(record: &common::plane::Record, session: &str) {
     assert_eq!(numbers, expected, "updates of {session}");
 }
 
+/// How the test control plane loses a call.
+#[derive(Debug, Clone, Copy)]
+enum Loss {
+    /// It answers UNAVAILABLE at once.
+    Unavailable,
+    /// It never answers; the agent's deadline cuts the call.
+    Hang,
+}
+
+fn lose_next(plane: &TestPlane, call: Call, loss: Loss) {
+    plane.switch(|s| {
+        match loss {
+            Loss::Unavailable => s.fail_next.insert(call, 1),
+            Loss::Hang => s.hang_next.insert(call, 1),
+        };
+    });
+}
+
+/// Loses `session`'s next ExtendGrant: `more` updates are then taken, in
+/// sequence, and the session runs on.
+async fn update_is_sent_again(
+    plane: &TestPlane,
+    client: &mut NodeAgentClient<Channel>,
+    session: &str,
+    loss: Loss,
+    more: usize,
+) {
+    let before = plane.record().extensions_of(session).len();
+    lose_next(plane, Call::ExtendGrant, loss);
+    let record = plane
+        .wait_for("updates after the lost one", |r| {
+            r.lost_calls(Call::ExtendGrant) == 1 && r.extensions_of(session).len() >= before + more
+        })
+        .await;
+    assert_updates_in_sequence(&record, session);
+    assert!(running(&self::session(client, session).await));
+}
+
+/// Loses `session`'s ReleaseSession and stops it: the release is taken
+/// once all the same, with every usage record, each once.
+async fn release_is_sent_again(
+    plane: &TestPlane,
+    client: &mut NodeAgentClient<Channel>,
+    session: &str,
+    loss: Loss,
+) -> common::plane::Record {
+    lose_next(plane, Call::ReleaseSession, loss);
+    let total_ms = stop_and_total(client, session).await;
+    let record = plane
+        .wait_for("the release and every usage record", |r| {
+            r.releases_of(session) == 1 && delivered_ms(r, session) == total_ms
+        })
+        .await;
+    assert_eq!(record.lost_calls(Call::ReleaseSession), 1);
+    assert_eq!(
+        record.usage_received,
+        record.usage.len(),
+        "each usage record arrived once"
+    );
+    record
+}
+
 #[tokio::test]
 async fn one_lost_call_of_each_kind_is_sent_again_and_the_link_stays_up() {
     let plane = TestPlane::start(test_policy(), 30).await;
@@ -90,35 +152,12 @@ async fn one_lost_call_of_each_kind_is_sent_again_and_the_link_stays_up() {
 
     // ExtendGrant answers UNAVAILABLE once: sent again, the grant goes on
     // past the one it had.
-    let before = record.extensions_of(&session.id).len();
-    plane.switch(|s| {
-        s.fail_next.insert(Call::ExtendGrant, 1);
-    });
-    let record = plane
-        .wait_for("two updates after the lost one", |r| {
-            r.lost_calls(Call::ExtendGrant) == 1 && r.extensions_of(&session.id).len() >= before + 2
-        })
-        .await;
-    assert_updates_in_sequence(&record, &session.id);
-    assert!(running(&self::session(&mut client, &session.id).await));
+    update_is_sent_again(&plane, &mut client, &session.id, Loss::Unavailable, 2).await;
 
-    // ReleaseSession answers UNAVAILABLE once: delivered all the same.
-    plane.switch(|s| {
-        s.fail_next.insert(Call::ReleaseSession, 1);
-    });
-    let total_ms = stop_and_total(&mut client, &session.id).await;
-    let record = plane
-        .wait_for("the release and every usage record", |r| {
-            r.releases_of(&session.id) == 1 && delivered_ms(r, &session.id) == total_ms
-        })
-        .await;
-    assert_eq!(record.lost_calls(Call::ReleaseSession), 1);
+    // ReleaseSession answers UNAVAILABLE once: delivered all the same, and
+    // the usage batch lost at the start too.
+    let record = release_is_sent_again(&plane, &mut client, &session.id, Loss::Unavailable).await;
     assert_eq!(record.lost_calls(Call::ReportUsage), 1);
-    assert_eq!(
-        record.usage_received,
-        record.usage.len(),
-        "each usage record arrived once"
-    );
     assert_updates_in_sequence(&record, &session.id);
 
     // The link never went down, and launches go on.
@@ -177,31 +216,11 @@ async fn a_call_that_hangs_past_its_deadline_refuses_one_launch_at_most_and_its_
 
     // ExtendGrant hangs past the end of the grant: the session runs on and
     // the update is sent again.
-    let before = record.extensions_of(&session.id).len();
-    plane.switch(|s| {
-        s.hang_next.insert(Call::ExtendGrant, 1);
-    });
-    let record = plane
-        .wait_for("an update after the hung one", |r| {
-            r.lost_calls(Call::ExtendGrant) == 1 && r.extensions_of(&session.id).len() > before
-        })
-        .await;
-    assert_updates_in_sequence(&record, &session.id);
-    assert!(running(&self::session(&mut client, &session.id).await));
+    update_is_sent_again(&plane, &mut client, &session.id, Loss::Hang, 1).await;
 
     // ReleaseSession hangs: sent again.
-    plane.switch(|s| {
-        s.hang_next.insert(Call::ReleaseSession, 1);
-    });
-    let total_ms = stop_and_total(&mut client, &session.id).await;
-    let record = plane
-        .wait_for("the release after the hung one", |r| {
-            r.releases_of(&session.id) == 1 && delivered_ms(r, &session.id) == total_ms
-        })
-        .await;
-    assert_eq!(record.lost_calls(Call::ReleaseSession), 1);
+    let record = release_is_sent_again(&plane, &mut client, &session.id, Loss::Hang).await;
     assert_eq!(record.releases_of(&hung), 1);
-    assert_eq!(record.usage_received, record.usage.len());
 
     let after = link(&mut client).await;
     assert!(after.up);
