@@ -20,6 +20,15 @@ use gpuwarden::proto;
 use gpuwarden::proto::node_agent_client::NodeAgentClient;
 use tonic::transport::Channel;
 
+/// A test control plane with short grants (3 s: an update every two
+/// seconds) and a daemon linked to it, see `linked_daemon`.
+async fn short_grants() -> (TestPlane, Daemon, NodeAgentClient<Channel>) {
+    let plane = TestPlane::start(test_policy(), 30).await;
+    plane.switch(|s| s.grant_seconds = 3);
+    let (daemon, client) = linked_daemon(&plane).await;
+    (plane, daemon, client)
+}
+
 /// A daemon on the simulated DGX A100 (six full GPUs) linked to `plane`, cutting usage every second.
 async fn linked_daemon(plane: &TestPlane) -> (Daemon, NodeAgentClient<Channel>) {
     let mut daemon = Daemon::start(
@@ -123,10 +132,7 @@ async fn release_is_sent_again(
 
 #[tokio::test]
 async fn one_lost_call_of_each_kind_is_sent_again_and_the_link_stays_up() {
-    let plane = TestPlane::start(test_policy(), 30).await;
-    // Short grants: updates every two seconds.
-    plane.switch(|s| s.grant_seconds = 3);
-    let (_daemon, mut client) = linked_daemon(&plane).await;
+    let (plane, _daemon, mut client) = short_grants().await;
     let up_since = link(&mut client).await.since;
 
     // AuthorizeSession and ReportUsage each answer UNAVAILABLE once.
@@ -173,9 +179,7 @@ async fn one_lost_call_of_each_kind_is_sent_again_and_the_link_stays_up() {
 
 #[tokio::test]
 async fn a_call_that_hangs_past_its_deadline_refuses_one_launch_at_most_and_its_release_is_sent() {
-    let plane = TestPlane::start(test_policy(), 30).await;
-    plane.switch(|s| s.grant_seconds = 3);
-    let (_daemon, mut client) = linked_daemon(&plane).await;
+    let (plane, _daemon, mut client) = short_grants().await;
     let up_since = link(&mut client).await.since;
 
     // AuthorizeSession hangs: that launch is refused at the deadline (the
@@ -229,9 +233,7 @@ async fn a_call_that_hangs_past_its_deadline_refuses_one_launch_at_most_and_its_
 
 #[tokio::test]
 async fn after_bursts_of_errors_launches_resume_within_seconds_and_nothing_owed_is_lost() {
-    let plane = TestPlane::start(test_policy(), 30).await;
-    plane.switch(|s| s.grant_seconds = 3);
-    let (_daemon, mut client) = linked_daemon(&plane).await;
+    let (plane, _daemon, mut client) = short_grants().await;
     let kept = client
         .launch(launch("burst-kept", None))
         .await
