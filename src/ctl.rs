@@ -43,6 +43,15 @@ pub enum Command {
         /// Include ended sessions.
         #[arg(long)]
         all: bool,
+        /// Only sessions created at or after this instant (RFC 3339 in UTC, or a date).
+        #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
+        from: Option<SystemTime>,
+        /// Only sessions created before this instant.
+        #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
+        to: Option<SystemTime>,
+        /// Sessions asked for per call; every page is printed.
+        #[arg(long, value_name = "N", default_value_t = 500)]
+        page_size: u32,
         #[command(flatten)]
         caller: AsArgs,
     },
@@ -223,18 +232,33 @@ pub async fn run(socket: &Path, json: bool, command: Command) -> anyhow::Result<
         Command::Sessions {
             account,
             all,
+            from,
+            to,
+            page_size,
             caller,
         } => {
-            let sessions = agent
-                .list_sessions(proto::ListSessionsRequest {
-                    principal: caller.principal(),
-                    account_id: account.unwrap_or_default(),
-                    include_ended: all,
-                })
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .sessions;
+            let mut sessions = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = agent
+                    .list_sessions(proto::ListSessionsRequest {
+                        principal: caller.principal(),
+                        account_id: account.clone().unwrap_or_default(),
+                        include_ended: all,
+                        page_size,
+                        page_token,
+                        created_after: from.map(Into::into),
+                        created_before: to.map(Into::into),
+                    })
+                    .await
+                    .map_err(refused)?
+                    .into_inner();
+                sessions.extend(page.sessions);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
             print_sessions(&sessions, json, true)
         }
         Command::Usage {

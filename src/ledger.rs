@@ -14,6 +14,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
+mod schema;
+mod usage;
+
+pub use usage::DAY_NS;
+
 use crate::clock::UnixNanos;
 use crate::error::{Reason, Refusal};
 use crate::gpu::{AssignableDevice, DeviceUuid, GpuWeight};
@@ -270,133 +275,58 @@ pub struct OutboxRecord {
     pub last: bool,
 }
 
-/// Which sessions to list.
+/// Which sessions to list, and which page of them: sessions come in
+/// creation order (then id), `limit` at a time.
 #[derive(Debug, Clone, Default)]
 pub struct SessionFilter {
     /// Sessions launched under or billed to this account.
     pub account_id: Option<String>,
     pub include_ended: bool,
+    /// Created at or after this instant.
+    pub created_from: Option<UnixNanos>,
+    /// Created before this instant.
+    pub created_before: Option<UnixNanos>,
+    /// Only sessions after this one (the previous page's `next`).
+    pub after: Option<PageKey>,
+    /// At most this many; 0: all.
+    pub limit: u32,
+}
+
+impl SessionFilter {
+    /// Every open session (a node has few: one per device at most).
+    pub fn open() -> Self {
+        Self::default()
+    }
+}
+
+/// Where a page of sessions ends: the next page starts after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageKey {
+    pub created_at: UnixNanos,
+    pub id: SessionId,
+}
+
+/// A page of sessions; `next` is set when more follow.
+#[derive(Debug, Clone, Default)]
+pub struct SessionPage {
+    pub sessions: Vec<SessionRecord>,
+    pub next: Option<PageKey>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Ledger {
     path: PathBuf,
+    /// Every write, and reads that decide a write.
     connection: Arc<Mutex<Connection>>,
+    /// Reads served to callers (lists, usage, audit, metrics).
+    reader: Arc<Mutex<Connection>>,
     /// Observes how long each transaction takes (commit and fsync included).
     write_latency: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS sessions (
-    id                TEXT PRIMARY KEY,
-    request_id        TEXT NOT NULL UNIQUE,
-    node_id           TEXT NOT NULL,
-    scope             TEXT NOT NULL,
-    account_id        TEXT NOT NULL,
-    billed_account_id TEXT NOT NULL,
-    owner             TEXT NOT NULL,
-    owner_kind        TEXT NOT NULL,
-    image             TEXT NOT NULL,
-    container_id      TEXT,
-    state             TEXT NOT NULL,
-    billing_path      TEXT NOT NULL,
-    created_at_ns     INTEGER NOT NULL,
-    started_at_ns     INTEGER,
-    ended_at_ns       INTEGER,
-    metered_until_ns  INTEGER,
-    end_reason        TEXT,
-    end_detail        TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS sessions_open ON sessions(state) WHERE state != 'ended';
-CREATE INDEX IF NOT EXISTS sessions_account ON sessions(account_id);
-CREATE TABLE IF NOT EXISTS session_devices (
-    session_id   TEXT NOT NULL REFERENCES sessions(id),
-    position     INTEGER NOT NULL,
-    device_uuid  TEXT NOT NULL,
-    device_class TEXT NOT NULL,
-    weight_slices INTEGER NOT NULL,
-    weight_of    INTEGER NOT NULL,
-    rate_nano    INTEGER NOT NULL,
-    PRIMARY KEY (session_id, device_uuid)
-);
--- One row per device held by an open session: the primary key is the
--- guarantee that no device is ever in two sessions.
-CREATE TABLE IF NOT EXISTS device_holds (
-    device_uuid TEXT PRIMARY KEY,
-    session_id  TEXT NOT NULL REFERENCES sessions(id)
-);
--- The outbox: usage records, each with a stable id; delivered_at_ns is set
--- once the control plane acknowledged it.
-CREATE TABLE IF NOT EXISTS usage_records (
-    id                TEXT PRIMARY KEY,
-    session_id        TEXT NOT NULL REFERENCES sessions(id),
-    seq               INTEGER NOT NULL,
-    device_uuid       TEXT NOT NULL,
-    device_class      TEXT NOT NULL,
-    period_start_ns   INTEGER NOT NULL,
-    period_end_ns     INTEGER NOT NULL,
-    device_ms         INTEGER NOT NULL,
-    gpu_seconds       REAL NOT NULL,
-    cost_nano         INTEGER NOT NULL,
-    final             INTEGER NOT NULL,
-    delivered_at_ns   INTEGER
-);
-CREATE INDEX IF NOT EXISTS usage_session ON usage_records(session_id);
-CREATE INDEX IF NOT EXISTS usage_period_end ON usage_records(period_end_ns);
--- What the ledger has moved on each account since the policy's opening
--- balance: debits of balance-billed usage (written with the usage record,
--- in its transaction) and adjustments. Balance = opening + delta.
-CREATE TABLE IF NOT EXISTS account_balances (
-    account_id TEXT PRIMARY KEY,
-    delta_nano INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS balance_adjustments (
-    id         TEXT PRIMARY KEY,
-    account_id TEXT NOT NULL,
-    delta_nano INTEGER NOT NULL,
-    reason     TEXT NOT NULL,
-    actor      TEXT NOT NULL,
-    at_ns      INTEGER NOT NULL
-);
--- Control-plane mode: each session's credit control (RFC 4006): the
--- request number, the grant in force, its final-unit indication, how far
--- used units were reported, and when the terminate was delivered.
-CREATE TABLE IF NOT EXISTS credit_control (
-    session_id        TEXT PRIMARY KEY REFERENCES sessions(id),
-    cc_request_number INTEGER NOT NULL,
-    granted_until_ns  INTEGER NOT NULL,
-    granted_ns        INTEGER NOT NULL,
-    final_action      TEXT,
-    final_end_reason  TEXT,
-    reported_until_ns INTEGER,
-    released_at_ns    INTEGER
-);
--- Sums of usage records compacted away after delivery, per session.
-CREATE TABLE IF NOT EXISTS session_totals (
-    session_id  TEXT PRIMARY KEY REFERENCES sessions(id),
-    device_ms   INTEGER NOT NULL,
-    gpu_seconds REAL NOT NULL,
-    cost_nano   INTEGER NOT NULL
-);
--- Who launched, stopped, adjusted, was refused, and why.
-CREATE TABLE IF NOT EXISTS audit (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    at_ns      INTEGER NOT NULL,
-    action     TEXT NOT NULL,
-    actor      TEXT NOT NULL,
-    actor_kind TEXT NOT NULL,
-    account_id TEXT NOT NULL,
-    session_id TEXT NOT NULL,
-    reason     TEXT NOT NULL,
-    detail     TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_account ON audit(account_id, id);
-CREATE INDEX IF NOT EXISTS usage_undelivered ON usage_records(delivered_at_ns) WHERE delivered_at_ns IS NULL;
-"#;
-
 const SESSION_COLUMNS: &str = "id, request_id, node_id, scope, account_id, billed_account_id, owner, owner_kind, \
      image, container_id, state, billing_path, created_at_ns, started_at_ns, ended_at_ns, \
-     metered_until_ns, end_reason, end_detail";
+     metered_until_ns, end_reason, end_detail, recorded_ms, recorded_gpu_seconds, recorded_cost_nano";
 
 impl Ledger {
     /// Opens (creating when needed) `ledger.db` in `state_dir`.
@@ -419,10 +349,18 @@ impl Ledger {
                  PRAGMA busy_timeout = 5000;",
             )
             .map_err(sqlite)?;
-        connection.execute_batch(SCHEMA).map_err(sqlite)?;
+        let mut connection = connection;
+        schema::apply(&mut connection).map_err(sqlite)?;
+        // Reads have a connection of their own: WAL readers see the last
+        // commit and never wait for the writer, nor it for them.
+        let reader = Connection::open(&path).map_err(sqlite)?;
+        reader
+            .execute_batch("PRAGMA query_only = ON; PRAGMA busy_timeout = 5000;")
+            .map_err(sqlite)?;
         Ok(Self {
             path,
             connection: Arc::new(Mutex::new(connection)),
+            reader: Arc::new(Mutex::new(reader)),
             write_latency: None,
         })
     }
@@ -440,33 +378,47 @@ impl Ledger {
         &self.path
     }
 
-    /// Runs `work` on the connection on tokio's blocking pool: the one way
-    /// async code touches SQLite. The connection's lock is taken inside the
-    /// blocking task and never held across an await.
+    /// Runs `work` on the writer connection on tokio's blocking pool: the
+    /// one way async code writes SQLite. The connection's lock is taken
+    /// inside the blocking task and never held across an await.
     async fn call_with<T, E, F>(&self, work: F) -> Result<T, CallError<E>>
     where
         T: Send + 'static,
         E: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, Outcome<E>> + Send + 'static,
     {
-        let connection = Arc::clone(&self.connection);
-        let path = self.path.clone();
         let latency = self.write_latency.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut connection = connection.lock().unwrap_or_else(PoisonError::into_inner);
+        blocking(&self.connection, &self.path, move |connection| {
             let began = std::time::Instant::now();
-            let result = work(&mut connection);
+            let result = work(connection);
             if let Some(latency) = &latency {
                 latency.observe(began.elapsed().as_secs_f64());
             }
-            result.map_err(|outcome| match outcome {
-                Outcome::Sqlite(source) => CallError::Ledger(LedgerError::Sqlite { path, source }),
-                Outcome::Corrupt(text) => CallError::Ledger(LedgerError::Corrupt(text)),
-                Outcome::Other(other) => CallError::Other(other),
-            })
+            result
         })
         .await
-        .map_err(|join| CallError::Ledger(LedgerError::TaskFailed(join.to_string())))?
+    }
+
+    /// Runs `work` in one read transaction (a consistent snapshot) on the
+    /// reader connection: it waits for no write, and no write for it.
+    async fn read<T, F>(&self, work: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T, Outcome<std::convert::Infallible>>
+            + Send
+            + 'static,
+    {
+        blocking(&self.reader, &self.path, move |connection| {
+            let tx = connection.transaction()?;
+            let value = work(&tx)?;
+            tx.commit()?;
+            Ok(value)
+        })
+        .await
+        .map_err(|error| match error {
+            CallError::Ledger(error) => error,
+            CallError::Other(never) => match never {},
+        })
     }
 
     /// In one transaction: returns the session of `new.request_id` if there
@@ -500,7 +452,7 @@ impl Ledger {
                 billing_path,
             } = admit(&view).map_err(Outcome::Other)?;
             tx.execute(
-                &format!("INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, 'starting', ?10, ?11, NULL, NULL, NULL, NULL, '')"),
+                &format!("INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, 'starting', ?10, ?11, NULL, NULL, NULL, NULL, '', 0, 0.0, 0)"),
                 params![
                     new.id.0,
                     new.request_id,
@@ -663,30 +615,76 @@ impl Ledger {
 
     pub async fn get(&self, id: &SessionId) -> Result<Option<SessionRecord>, LedgerError> {
         let id = id.0.clone();
-        self.transaction(move |tx| session_by(tx, "id", &id)).await
+        self.read(move |tx| session_by(tx, "id", &id)).await
     }
 
-    pub async fn list(&self, filter: SessionFilter) -> Result<Vec<SessionRecord>, LedgerError> {
-        self.transaction(move |tx| {
-            let mut sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE 1 = 1");
-            if !filter.include_ended {
-                sql.push_str(" AND state != 'ended'");
-            }
-            if filter.account_id.is_some() {
-                sql.push_str(" AND (account_id = ?1 OR billed_account_id = ?1)");
-            }
-            sql.push_str(" ORDER BY created_at_ns, id");
-            let mut statement = tx.prepare(&sql)?;
-            let rows = match &filter.account_id {
-                Some(account) => statement.query_map(params![account], read_session)?,
-                None => statement.query_map([], read_session)?,
+    /// A page of the sessions `filter` names. Each page costs the same
+    /// whatever the history: open sessions through their partial index,
+    /// all sessions through (account,) creation time.
+    pub async fn list(&self, filter: SessionFilter) -> Result<SessionPage, LedgerError> {
+        self.read(move |tx| {
+            let limit = match filter.limit {
+                0 => i64::MAX,
+                n => i64::from(n),
             };
-            let sessions = rows.collect::<Result<Vec<_>, _>>()?;
+            let (after_at, after_id) = filter
+                .after
+                .map_or((i64::MIN, String::new()), |key| (key.created_at.0, key.id.0));
+            let page = "(created_at_ns, id) > (?1, ?2) AND created_at_ns >= ?3 AND created_at_ns < ?4";
+            let order = "ORDER BY created_at_ns, id LIMIT ?5";
+            let sql = match (filter.include_ended, filter.account_id.is_some()) {
+                (false, with_account) => format!(
+                    "SELECT {SESSION_COLUMNS} FROM sessions INDEXED BY sessions_open
+                     WHERE state != 'ended' AND {page}{} {order}",
+                    if with_account {
+                        " AND (account_id = ?6 OR billed_account_id = ?6)"
+                    } else {
+                        " AND ?6 IS NULL"
+                    }
+                ),
+                (true, false) => format!(
+                    "SELECT {SESSION_COLUMNS} FROM sessions WHERE {page} AND ?6 IS NULL {order}"
+                ),
+                // Launched under it or billed to it: each through its own
+                // index, at most a page from each.
+                (true, true) => format!(
+                    "SELECT * FROM (
+                         SELECT * FROM (SELECT {SESSION_COLUMNS} FROM sessions WHERE account_id = ?6 AND {page} {order})
+                         UNION
+                         SELECT * FROM (SELECT {SESSION_COLUMNS} FROM sessions WHERE billed_account_id = ?6 AND {page} {order})
+                     ) {order}"
+                ),
+            };
+            let mut statement = tx.prepare_cached(&sql)?;
+            let rows = statement
+                .query_map(
+                    params![
+                        after_at,
+                        after_id,
+                        filter.created_from.map_or(i64::MIN, |t| t.0),
+                        filter.created_before.map_or(i64::MAX, |t| t.0),
+                        limit.saturating_add(1),
+                        filter.account_id,
+                    ],
+                    read_session,
+                )?
+                .collect::<Result<Vec<_>, _>>()?;
             drop(statement);
-            sessions
+            let more = i64::try_from(rows.len()).unwrap_or(i64::MAX) > limit;
+            let mut sessions = rows
                 .into_iter()
+                .take(usize::try_from(limit).unwrap_or(usize::MAX))
                 .map(|session| complete(tx, session))
-                .collect()
+                .collect::<Result<Vec<_>, _>>()?;
+            sessions.shrink_to_fit();
+            let next = more
+                .then(|| sessions.last())
+                .flatten()
+                .map(|last| PageKey {
+                    created_at: last.created_at,
+                    id: last.id.clone(),
+                });
+            Ok(SessionPage { sessions, next })
         })
         .await
     }
@@ -753,13 +751,21 @@ impl Ledger {
 
     /// Reads the audit trail, most recent first.
     pub async fn list_audit(&self, filter: AuditFilter) -> Result<Vec<AuditEntry>, LedgerError> {
-        self.transaction(move |tx| {
-            let mut statement = tx.prepare(
-                "SELECT id, at_ns, action, actor, actor_kind, account_id, session_id, reason, detail
-                 FROM audit
-                 WHERE (?1 IS NULL OR account_id = ?1) AND at_ns >= ?2
-                 ORDER BY id DESC LIMIT ?3",
-            )?;
+        self.read(move |tx| {
+            // Two statements, so that an account's query walks its index
+            // (`?1 IS NULL OR account_id = ?1` would walk the whole trail).
+            const COLUMNS: &str =
+                "id, at_ns, action, actor, actor_kind, account_id, session_id, reason, detail";
+            let mut statement = match &filter.account_id {
+                Some(_) => tx.prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM audit WHERE account_id = ?1 AND at_ns >= ?2
+                     ORDER BY id DESC LIMIT ?3"
+                ))?,
+                None => tx.prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM audit WHERE ?1 IS NULL AND at_ns >= ?2
+                     ORDER BY id DESC LIMIT ?3"
+                ))?,
+            };
             let rows = statement.query_map(
                 params![
                     filter.account_id,
@@ -802,36 +808,19 @@ impl Ledger {
         .await
     }
 
-    /// Usage records of sessions launched under `accounts` whose period
-    /// ends in `(from, to]`, summed by account, scope, billing path and
-    /// device class. A record belongs to the period its end falls in, so
-    /// adjacent periods never count a record twice.
+    /// Usage of sessions launched under `accounts` whose records end in
+    /// `(from, to]`, summed by account, scope, billing path and device
+    /// class. A record belongs to the period its end falls in, so adjacent
+    /// periods never count a record twice; days whose raw records were
+    /// folded away count whole (see `usage`).
     pub async fn usage(
         &self,
         accounts: Vec<String>,
         from: UnixNanos,
         to: UnixNanos,
     ) -> Result<Vec<UsageTotal>, LedgerError> {
-        self.transaction(move |tx| {
-            let mut statement = tx.prepare_cached(
-                "SELECT s.account_id, s.scope, s.billing_path, u.device_class,
-                        SUM(u.device_ms), SUM(u.gpu_seconds), SUM(u.cost_nano)
-                 FROM usage_records u JOIN sessions s ON s.id = u.session_id
-                 WHERE s.account_id = ?1 AND u.period_end_ns > ?2 AND u.period_end_ns <= ?3
-                 GROUP BY s.account_id, s.scope, s.billing_path, u.device_class
-                 ORDER BY s.account_id, s.scope, s.billing_path, u.device_class",
-            )?;
-            let mut totals = Vec::new();
-            for account in &accounts {
-                for total in
-                    statement.query_map(params![account, from.0, to.0], read_usage_total)?
-                {
-                    totals.push(total?.map_err(Outcome::Corrupt)?);
-                }
-            }
-            Ok(totals)
-        })
-        .await
+        self.read(move |tx| usage::report(tx, &accounts, from, to))
+            .await
     }
 
     /// Records a credit-control answer for a session; `billed` (from the
@@ -1013,69 +1002,46 @@ impl Ledger {
             for id in &ids {
                 marked += statement.execute(params![id, at.0])?;
             }
+            drop(statement);
+            usage::add_to_counter(tx, "undelivered", -i64::try_from(marked).unwrap_or(i64::MAX))?;
             Ok(marked)
         })
         .await
     }
 
-    /// How many usage records wait for delivery.
+    /// How many usage records wait for delivery (a counter kept with the
+    /// records).
     pub async fn outbox_backlog(&self) -> Result<u64, LedgerError> {
-        self.transaction(|tx| {
-            let count: i64 = tx.query_row(
-                "SELECT COUNT(*) FROM usage_records WHERE delivered_at_ns IS NULL",
-                [],
-                |row| row.get(0),
-            )?;
-            Ok(u64::try_from(count).unwrap_or_default())
-        })
-        .await
+        self.read(|tx| Ok(u64::try_from(usage::counter(tx, "undelivered")?).unwrap_or_default()))
+            .await
     }
 
-    /// Removes the delivered records of sessions that ended before
-    /// `ended_before`, keeping each session's sums; returns how many records
-    /// went. Records not yet delivered are never removed.
-    pub async fn compact_delivered(&self, ended_before: UnixNanos) -> Result<usize, LedgerError> {
-        self.transaction(move |tx| {
-            let done = "SELECT id FROM sessions WHERE state = 'ended' AND ended_at_ns < ?1
-                 AND NOT EXISTS (SELECT 1 FROM usage_records u WHERE u.session_id = sessions.id AND u.delivered_at_ns IS NULL)";
-            tx.execute(
-                &format!(
-                    "INSERT INTO session_totals (session_id, device_ms, gpu_seconds, cost_nano)
-                     SELECT session_id, SUM(device_ms), SUM(gpu_seconds), SUM(cost_nano)
-                     FROM usage_records WHERE session_id IN ({done}) GROUP BY session_id
-                     ON CONFLICT (session_id) DO UPDATE SET device_ms = device_ms + excluded.device_ms,
-                         gpu_seconds = gpu_seconds + excluded.gpu_seconds, cost_nano = cost_nano + excluded.cost_nano"
-                ),
-                params![ended_before.0],
-            )?;
-            let removed = tx.execute(
-                &format!("DELETE FROM usage_records WHERE session_id IN ({done})"),
-                params![ended_before.0],
-            )?;
-            Ok(removed)
-        })
-        .await
+    /// Folds raw usage records whose period ended before `before` (only
+    /// acknowledged ones when `delivered_only`) into the sums that already
+    /// hold them, in transactions of a bounded size; returns how many
+    /// records went. Nothing of any sum changes: a session's usage, an
+    /// account's balance, the daily and all-time sums stay as they were.
+    pub async fn fold_usage(
+        &self,
+        before: UnixNanos,
+        delivered_only: bool,
+    ) -> Result<usize, LedgerError> {
+        let mut folded = 0;
+        loop {
+            let removed = self
+                .transaction(move |tx| usage::fold(tx, before, delivered_only))
+                .await?;
+            folded += removed;
+            if i64::try_from(removed).unwrap_or(i64::MAX) < usage::FOLD_BATCH {
+                return Ok(folded);
+            }
+        }
     }
 
-    /// Every usage record there is (compacted ones included), summed by
-    /// account, scope and billing path; `device_class` is empty.
+    /// Every account's usage since the ledger began, by scope and billing
+    /// path; `device_class` is empty.
     pub async fn usage_totals(&self) -> Result<Vec<UsageTotal>, LedgerError> {
-        self.transaction(|tx| {
-            let mut statement = tx.prepare_cached(
-                "SELECT s.account_id, s.scope, s.billing_path, '', SUM(x.device_ms), SUM(x.gpu_seconds), SUM(x.cost_nano)
-                 FROM (SELECT session_id, device_ms, gpu_seconds, cost_nano FROM usage_records
-                       UNION ALL
-                       SELECT session_id, device_ms, gpu_seconds, cost_nano FROM session_totals) x
-                 JOIN sessions s ON s.id = x.session_id
-                 GROUP BY s.account_id, s.scope, s.billing_path
-                 ORDER BY s.account_id, s.scope, s.billing_path",
-            )?;
-            statement
-                .query_map([], read_usage_total)?
-                .map(|total| total?.map_err(Outcome::Corrupt))
-                .collect()
-        })
-        .await
+        self.read(usage::totals).await
     }
 
     /// Devices held by open sessions.
@@ -1103,6 +1069,31 @@ impl Ledger {
             CallError::Other(never) => match never {},
         })
     }
+}
+
+/// Runs `work` on `connection` on tokio's blocking pool.
+async fn blocking<T, E, F>(
+    connection: &Arc<Mutex<Connection>>,
+    path: &Path,
+    work: F,
+) -> Result<T, CallError<E>>
+where
+    T: Send + 'static,
+    E: Send + 'static,
+    F: FnOnce(&mut Connection) -> Result<T, Outcome<E>> + Send + 'static,
+{
+    let connection = Arc::clone(connection);
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut connection = connection.lock().unwrap_or_else(PoisonError::into_inner);
+        work(&mut connection).map_err(|outcome| match outcome {
+            Outcome::Sqlite(source) => CallError::Ledger(LedgerError::Sqlite { path, source }),
+            Outcome::Corrupt(text) => CallError::Ledger(LedgerError::Corrupt(text)),
+            Outcome::Other(other) => CallError::Other(other),
+        })
+    })
+    .await
+    .map_err(|join| CallError::Ledger(LedgerError::TaskFailed(join.to_string())))?
 }
 
 /// How work inside a blocking ledger call fails.
@@ -1139,7 +1130,7 @@ fn write_cut<E>(
     last: bool,
 ) -> Result<usize, Outcome<E>> {
     let seq: i64 = tx.query_row(
-        "SELECT COALESCE(MAX(seq), 0) + 1 FROM usage_records WHERE session_id = ?1",
+        "UPDATE sessions SET usage_seq = usage_seq + 1 WHERE id = ?1 RETURNING usage_seq",
         params![session.id.0],
         |row| row.get(0),
     )?;
@@ -1168,6 +1159,8 @@ fn write_cut<E>(
         "UPDATE sessions SET metered_until_ns = ?2 WHERE id = ?1",
         params![session.id.0, to.0],
     )?;
+    // The sums go with the records they sum: one transaction.
+    usage::add_to_sums(tx, session, &cuts)?;
     // The debit goes with the record it pays for: one transaction.
     // Reservation usage is metered, never debited.
     if session.billing_path == BillingPath::Balance {
@@ -1333,6 +1326,11 @@ fn read_session(row: &Row<'_>) -> rusqlite::Result<PartialSession> {
         row.get(8)?,
     );
     let (container_id, created_at, end_detail) = (row.get(9)?, row.get(12)?, row.get(17)?);
+    let recorded = RecordedUsage {
+        device_ms: row.get(18)?,
+        gpu_seconds: row.get(19)?,
+        cost: Credits(row.get(20)?),
+    };
     Ok((|| {
         Ok(SessionRecord {
             id: SessionId(id),
@@ -1358,12 +1356,12 @@ fn read_session(row: &Row<'_>) -> rusqlite::Result<PartialSession> {
                 .transpose()?,
             end_detail,
             devices: Vec::new(),
-            recorded: RecordedUsage::default(),
+            recorded,
         })
     })())
 }
 
-/// Adds a session's devices and the sums of its usage records.
+/// Adds a session's devices.
 fn complete<E>(tx: &Transaction<'_>, session: PartialSession) -> Result<SessionRecord, Outcome<E>> {
     let mut session = session.map_err(Outcome::Corrupt)?;
     let mut statement = tx.prepare_cached(
@@ -1383,20 +1381,5 @@ fn complete<E>(tx: &Transaction<'_>, session: PartialSession) -> Result<SessionR
             })
         })?
         .collect::<Result<_, _>>()?;
-    // Records still here plus the sums of those compacted away.
-    session.recorded = tx.query_row(
-        "SELECT COALESCE(SUM(device_ms), 0), COALESCE(SUM(gpu_seconds), 0.0), COALESCE(SUM(cost_nano), 0)
-         FROM (SELECT device_ms, gpu_seconds, cost_nano FROM usage_records WHERE session_id = ?1
-               UNION ALL
-               SELECT device_ms, gpu_seconds, cost_nano FROM session_totals WHERE session_id = ?1)",
-        params![session.id.0],
-        |row| {
-            Ok(RecordedUsage {
-                device_ms: row.get(0)?,
-                gpu_seconds: row.get(1)?,
-                cost: Credits(row.get(2)?),
-            })
-        },
-    )?;
     Ok(session)
 }

@@ -249,11 +249,9 @@ async fn snapshot(agent: &Agent, registry: &mut Registry) {
         None,
     );
     if let Ok(open) = ledger
-        .list(crate::ledger::SessionFilter {
-            account_id: None,
-            include_ended: false,
-        })
+        .list(crate::ledger::SessionFilter::open())
         .await
+        .map(|page| page.sessions)
     {
         for session in open {
             sessions

@@ -370,6 +370,7 @@ async fn roles_reservations_and_balances_of_the_example_policy_are_enforced_and_
             principal: user("u-bob"),
             account_id: "acme".into(),
             include_ended: true,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -8,13 +8,13 @@ use crate::error::{Reason, Refusal};
 use crate::events::{BalanceNotice, Event, EventKind};
 use crate::gpu::{BackendKind, DeviceUuid};
 use crate::inventory::{DeviceKind, DeviceView, Health, InventoryView, LinkView};
-use crate::ledger::{Actor, AuditEntry};
+use crate::ledger::{Actor, AuditEntry, PageKey};
 use crate::metering::Credits;
 use crate::proto;
 use crate::session::manager::UsageReport;
 use crate::session::request::{ContainerRequest, LaunchRequest, VolumeRequest};
 use crate::session::{
-    BillingPath, EndReason, Principal, PrincipalKind, Scope, SessionRecord, SessionState,
+    BillingPath, EndReason, Principal, PrincipalKind, Scope, SessionId, SessionRecord, SessionState,
 };
 
 /// A message that does not describe what it should.
@@ -355,6 +355,32 @@ pub fn end_reason_from_proto(value: i32) -> Option<EndReason> {
         .iter()
         .copied()
         .find(|reason| end_reason_to_proto(Some(*reason)) == value)
+}
+
+/// The token of the page after `key`: opaque to clients.
+pub fn page_token(key: Option<&PageKey>) -> String {
+    key.map(|key| format!("{}.{}", key.created_at.0, key.id))
+        .unwrap_or_default()
+}
+
+/// The page a `page_token` names; empty is the first page.
+pub fn page_key(token: &str) -> Result<Option<PageKey>, Refusal> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let parsed = token.split_once('.').and_then(|(at, id)| {
+        let at = at.parse::<i64>().ok()?;
+        (!id.is_empty() && id.len() <= 128).then(|| PageKey {
+            created_at: UnixNanos(at),
+            id: SessionId(id.to_owned()),
+        })
+    });
+    parsed.map(Some).ok_or_else(|| {
+        Refusal::new(
+            Reason::InvalidRequest,
+            "page_token is not one this agent gave: pass the next_page_token of the previous page, or none for the first",
+        )
+    })
 }
 
 /// A timestamp of a request as nanoseconds; unset is `default`.

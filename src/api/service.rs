@@ -20,13 +20,18 @@ use super::convert;
 use crate::agent::Agent;
 use crate::clock::UnixNanos;
 use crate::error::{Reason, Refusal};
-use crate::ledger::{Actor, AuditFilter};
+use crate::ledger::{Actor, AuditFilter, SessionFilter};
 use crate::metering::Credits;
 use crate::proto;
 use crate::proto::node_agent_server::NodeAgent;
 use crate::session::manager::DEFAULT_STOP_GRACE;
 use crate::session::request::LaunchRequest;
 use crate::session::{Caller, SessionId};
+
+/// Sessions per ListSessions page when the request names no size...
+const DEFAULT_PAGE_SIZE: u32 = 100;
+/// ... and at most, whatever it names.
+const MAX_PAGE_SIZE: u32 = 1000;
 
 #[derive(Debug, Clone)]
 pub struct NodeAgentService {
@@ -157,14 +162,21 @@ impl NodeAgent for NodeAgentService {
     ) -> Result<Response<proto::ListSessionsResponse>, Status> {
         let caller = caller(&request, request.get_ref().principal.clone())?;
         let list = request.into_inner();
-        let account = (!list.account_id.is_empty()).then_some(list.account_id);
-        let records = self
-            .agent
-            .sessions()
-            .list(&caller, account, list.include_ended)
-            .await?;
+        let filter = SessionFilter {
+            account_id: (!list.account_id.is_empty()).then_some(list.account_id),
+            include_ended: list.include_ended,
+            created_from: list.created_after.map(|t| UnixNanos::from_timestamp(&t)),
+            created_before: list.created_before.map(|t| UnixNanos::from_timestamp(&t)),
+            after: convert::page_key(&list.page_token)?,
+            limit: match list.page_size {
+                0 => DEFAULT_PAGE_SIZE,
+                size => size.min(MAX_PAGE_SIZE),
+            },
+        };
+        let page = self.agent.sessions().list(&caller, filter).await?;
         Ok(Response::new(proto::ListSessionsResponse {
-            sessions: records.iter().map(|r| self.session(r)).collect(),
+            sessions: page.sessions.iter().map(|r| self.session(r)).collect(),
+            next_page_token: convert::page_token(page.next.as_ref()),
         }))
     }
 
@@ -179,7 +191,10 @@ impl NodeAgent for NodeAgentService {
         sessions
             .set_draining(drain.drain, drain.reason, Actor::Operator)
             .await;
-        let open = sessions.list(&caller, None, false).await?;
+        let open = sessions
+            .list(&caller, SessionFilter::open())
+            .await?
+            .sessions;
         Ok(Response::new(proto::SetDrainResponse {
             draining: drain.drain,
             running_sessions: u32::try_from(open.len()).unwrap_or(u32::MAX),

@@ -35,7 +35,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const PROBE_MAX: Duration = Duration::from_secs(5);
 /// Records per `ReportUsage` call.
 const USAGE_BATCH: u32 = 500;
-/// Delivered usage records are kept this long after their session ended.
+/// Delivered usage records are kept this long after their period ended
+/// (their sums stay: see `Ledger::fold_usage`).
 pub const USAGE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The next backoff: doubled, capped, with up to a quarter of jitter so a
@@ -219,12 +220,10 @@ impl Link {
         let now = sessions.now();
         let open = sessions
             .ledger()
-            .list(crate::ledger::SessionFilter {
-                account_id: None,
-                include_ended: false,
-            })
+            .list(crate::ledger::SessionFilter::open())
             .await
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .sessions;
         let inventory = self.inventory().await;
         // The inventory read it already, with the link's state.
         let backlog = match inventory.as_ref().and_then(|v| v.control_plane.as_ref()) {
@@ -276,7 +275,7 @@ impl Link {
                     .agent
                     .sessions()
                     .ledger()
-                    .compact_delivered(before)
+                    .fold_usage(before, true)
                     .await
                 {
                     Ok(0) => {}

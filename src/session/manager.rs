@@ -26,7 +26,7 @@ use crate::events::{EventBus, EventFilter, EventKind};
 use crate::gpu::DeviceUuid;
 use crate::ledger::{
     Actor, Adjustment, AuditAction, AuditEntry, AuditFilter, AuditRecord, Ledger, LedgerError,
-    SessionFilter, UsageTotal,
+    SessionFilter, SessionPage, UsageTotal,
 };
 use crate::metering::Credits;
 use crate::policy::admission::{self};
@@ -362,32 +362,27 @@ impl SessionManager {
         }
     }
 
-    /// Sessions the caller may see, of `account_id` (launched under it or
-    /// billed to it) or of every account.
+    /// A page of the sessions `filter` names that the caller may see (of
+    /// its account, launched under it or billed to it, or of every
+    /// account). Sessions the caller may not see are left out of the page,
+    /// so a page may hold fewer than its limit while `next` says more
+    /// follow.
     pub async fn list(
         &self,
         caller: &Caller,
-        account_id: Option<String>,
-        include_ended: bool,
-    ) -> Result<Vec<SessionRecord>, Refusal> {
-        match (&caller.principal, &account_id) {
+        filter: SessionFilter,
+    ) -> Result<SessionPage, Refusal> {
+        match (&caller.principal, &filter.account_id) {
             (Some(principal), Some(account)) => {
                 admission::may_list_account(&self.policy(), principal, account)?;
             }
             (None, _) if !caller.operator => return Err(principal_required()),
             _ => {}
         }
-        let sessions = self
-            .ledger
-            .list(SessionFilter {
-                account_id,
-                include_ended,
-            })
-            .await?;
-        Ok(sessions
-            .into_iter()
-            .filter(|session| self.authorize(caller, session).is_ok())
-            .collect())
+        let mut page = self.ledger.list(filter).await?;
+        page.sessions
+            .retain(|session| self.authorize(caller, session).is_ok());
+        Ok(page)
     }
 
     /// The balance `account` has now: the policy's opening balance and what

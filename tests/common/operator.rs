@@ -40,21 +40,29 @@ pub async fn all_sessions(client: &mut NodeAgentClient<Channel>) -> Vec<proto::S
     list_sessions(client, true).await
 }
 
-/// ListSessions over every account.
+/// ListSessions over every account, every page.
 async fn list_sessions(
     client: &mut NodeAgentClient<Channel>,
     include_ended: bool,
 ) -> Vec<proto::Session> {
-    client
-        .list_sessions(proto::ListSessionsRequest {
-            principal: None,
-            account_id: String::new(),
-            include_ended,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sessions
+    let mut sessions = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_sessions(proto::ListSessionsRequest {
+                include_ended,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        sessions.extend(page.sessions);
+        if page.next_page_token.is_empty() {
+            return sessions;
+        }
+        page_token = page.next_page_token;
+    }
 }
 
 /// Polls the session `id` until it has ended, bounded by `within`.

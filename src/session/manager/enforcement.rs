@@ -57,13 +57,7 @@ impl SessionManager {
         let now = self.clock.now();
         let policy = self.policy();
         let enforcement = policy.enforcement();
-        let open = self
-            .ledger
-            .list(SessionFilter {
-                account_id: None,
-                include_ended: false,
-            })
-            .await?;
+        let open = self.ledger.list(SessionFilter::open()).await?.sessions;
         let deltas = self.ledger.balance_deltas().await?;
         let running: Vec<&SessionRecord> = open
             .iter()

@@ -163,13 +163,7 @@ impl SessionManager {
                 by_session.insert(session.clone(), container);
             }
         }
-        let open = self
-            .ledger
-            .list(SessionFilter {
-                account_id: None,
-                include_ended: false,
-            })
-            .await?;
+        let open = self.ledger.list(SessionFilter::open()).await?.sessions;
         for session in open {
             // Taken before asking the engine: a container that answers
             // "running" was running at this instant too.

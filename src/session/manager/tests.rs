@@ -193,7 +193,12 @@ async fn a_launch_failing_half_way_releases_devices_and_removes_its_container() 
     );
     assert!(s.runtime.containers().is_empty());
     assert!(s.manager.busy_devices().await.unwrap().is_empty());
-    let failed = s.manager.list(&OPERATOR, None, true).await.unwrap();
+    let failed = s
+        .manager
+        .list(&OPERATOR, all_sessions())
+        .await
+        .unwrap()
+        .sessions;
     assert_eq!(failed[0].end_reason, Some(EndReason::LaunchFailed));
     assert_eq!(failed[0].recorded.device_ms, 0);
     // The same request again is answered with that session, ended, and
@@ -1007,7 +1012,14 @@ async fn stop_is_for_the_owner_and_the_operator() {
         .await
         .unwrap_err();
     assert_eq!(refusal.reason, Reason::RoleForbidden);
-    assert!(s.manager.list(&bob, None, true).await.unwrap().is_empty());
+    assert!(
+        s.manager
+            .list(&bob, all_sessions())
+            .await
+            .unwrap()
+            .sessions
+            .is_empty()
+    );
     let alice = Caller {
         principal: Some(session.owner.clone()),
         operator: false,
@@ -1028,4 +1040,12 @@ async fn stop_is_for_the_owner_and_the_operator() {
             .unwrap(),
         stopped
     );
+}
+
+/// Every session, ended ones too, in one page.
+fn all_sessions() -> SessionFilter {
+    SessionFilter {
+        include_ended: true,
+        ..SessionFilter::default()
+    }
 }
