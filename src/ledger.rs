@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
 mod schema;
+#[cfg(test)]
+mod tests;
 mod usage;
 
 pub use usage::DAY_NS;

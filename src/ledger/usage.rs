@@ -143,7 +143,10 @@ pub(super) fn plan(from: UnixNanos, to: UnixNanos, raw_from_day: i64) -> Plan {
     } else {
         vec![first, last]
     } {
-        let (start, end) = (day * DAY_NS, (day + 1) * DAY_NS);
+        let (start, end) = (
+            day.saturating_mul(DAY_NS),
+            day.saturating_add(1).saturating_mul(DAY_NS),
+        );
         let part = (lo.max(start), hi.min(end));
         if part == (start, end) {
             continue;
@@ -301,7 +304,7 @@ pub(super) fn fold<E>(
         add_to_counter(tx, "undelivered", -undelivered)?;
         // Days with a record folded away (all before `before`'s day ends)
         // are read whole from now on.
-        let from_day = (before.0 - 1).div_euclid(DAY_NS) + 1;
+        let from_day = before.0.saturating_sub(1).div_euclid(DAY_NS) + 1;
         tx.execute(
             "UPDATE ledger_counters SET value = MAX(value, ?1) WHERE name = 'raw_from_day'",
             params![from_day],

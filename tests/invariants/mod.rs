@@ -309,14 +309,19 @@ pub fn audit(ledger: &Path, nodes: &[&str]) -> (Report, Vec<String>) {
             record_count += 1;
         }
     }
-    let compacted: i64 = db
-        .query_row("SELECT COUNT(*) FROM session_totals", [], |row| row.get(0))
+    let folded: i64 = db
+        .query_row(
+            "SELECT value FROM ledger_counters WHERE name = 'raw_from_day'",
+            [],
+            |row| row.get(0),
+        )
         .unwrap();
-    if compacted != 0 {
+    if folded != 0 {
         problems.push(format!(
-            "{compacted} sessions were compacted: their records cannot be checked"
+            "records of days before day {folded} were folded: they cannot be checked"
         ));
     }
+    problems.extend(sums_problems(&db));
     let holds: i64 = db
         .query_row("SELECT COUNT(*) FROM device_holds", [], |row| row.get(0))
         .unwrap();
@@ -613,6 +618,74 @@ pub fn audit(ledger: &Path, nodes: &[&str]) -> (Report, Vec<String>) {
 }
 
 /// Runs `params![]`-free SQL returning one integer, for small probes.
+/// The sums the ledger keeps beside its records (per session, per account
+/// and day, all-time, the outbox counter) against the records themselves:
+/// written in the same transactions, they never disagree.
+pub fn sums_problems(db: &Connection) -> Vec<String> {
+    // Each pair: what the records say, what the ledger keeps; integer
+    // columns exactly, GPU-seconds within rounding.
+    let checks = [
+        (
+            "session sums",
+            "SELECT s.id, COALESCE(SUM(u.device_ms), 0), COALESCE(SUM(u.cost_nano), 0), COALESCE(SUM(u.gpu_seconds), 0.0)
+             FROM sessions s LEFT JOIN usage_records u ON u.session_id = s.id GROUP BY s.id",
+            "SELECT id, recorded_ms, recorded_cost_nano, recorded_gpu_seconds FROM sessions",
+        ),
+        (
+            "daily sums",
+            "SELECT s.account_id || '/' || (u.period_end_ns / 86400000000000) || '/' || s.scope || '/' || s.billing_path || '/' || u.device_class,
+                    SUM(u.device_ms), SUM(u.cost_nano), SUM(u.gpu_seconds)
+             FROM usage_records u JOIN sessions s ON s.id = u.session_id
+             GROUP BY s.account_id, u.period_end_ns / 86400000000000, s.scope, s.billing_path, u.device_class",
+            "SELECT account_id || '/' || day || '/' || scope || '/' || billing_path || '/' || device_class,
+                    device_ms, cost_nano, gpu_seconds FROM usage_daily",
+        ),
+        (
+            "all-time sums",
+            "SELECT s.account_id || '/' || s.scope || '/' || s.billing_path, SUM(u.device_ms), SUM(u.cost_nano), SUM(u.gpu_seconds)
+             FROM usage_records u JOIN sessions s ON s.id = u.session_id
+             GROUP BY s.account_id, s.scope, s.billing_path",
+            "SELECT account_id || '/' || scope || '/' || billing_path, device_ms, cost_nano, gpu_seconds FROM usage_totals",
+        ),
+        (
+            "outbox counter",
+            "SELECT 'undelivered', COUNT(*), 0, 0.0 FROM usage_records WHERE delivered_at_ns IS NULL",
+            "SELECT name, value, 0, 0.0 FROM ledger_counters WHERE name = 'undelivered'",
+        ),
+    ];
+    let read = |sql: &str| -> HashMap<String, (i64, i64, f64)> {
+        db.prepare(sql)
+            .unwrap()
+            .query_map([], |row| {
+                Ok((row.get(0)?, (row.get(1)?, row.get(2)?, row.get(3)?)))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let mut problems = Vec::new();
+    for (what, from_records, kept) in checks {
+        let (records, kept) = (read(from_records), read(kept));
+        for key in records.keys().chain(kept.keys()).collect::<HashSet<_>>() {
+            let (a, b) = (records.get(key), kept.get(key));
+            let agree = match (a, b) {
+                (Some(a), Some(b)) => {
+                    a.0 == b.0 && a.1 == b.1 && (a.2 - b.2).abs() <= 1e-6 * a.2.abs().max(1.0)
+                }
+                // A sum of nothing may be kept as a zero row, or not at all.
+                (Some(x), None) | (None, Some(x)) => x.0 == 0 && x.1 == 0 && x.2 == 0.0,
+                (None, None) => true,
+            };
+            if !agree {
+                problems.push(format!(
+                    "{what} of {key}: records say {a:?}, the ledger keeps {b:?}"
+                ));
+            }
+        }
+    }
+    problems
+}
+
 pub fn count(ledger: &Path, sql: &str) -> i64 {
     open(ledger)
         .query_row(sql, params![], |row| row.get(0))
