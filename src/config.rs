@@ -39,6 +39,8 @@ struct ConfigFile {
     #[serde(default)]
     metering: MeteringSection,
     #[serde(default)]
+    ledger: LedgerSection,
+    #[serde(default)]
     health: HealthSection,
 }
 
@@ -103,6 +105,12 @@ struct ControlPlaneSection {
 #[serde(deny_unknown_fields)]
 struct MeteringSection {
     checkpoint_seconds: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LedgerSection {
+    usage_retention_days: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -198,6 +206,10 @@ pub struct Config {
     pub mode: Mode,
     pub checkpoint_interval: Duration,
     pub health_recovery: Duration,
+    /// Raw usage records older than this are folded into the sums that
+    /// hold them (only acknowledged ones in control-plane mode); `None`:
+    /// kept.
+    pub usage_retention: Option<Duration>,
 }
 
 impl Config {
@@ -334,6 +346,25 @@ impl Validator<'_> {
             },
         };
 
+        // Standalone keeps every record unless told; with a control plane,
+        // acknowledged records go after a week (their sums stay).
+        let retention_default = match mode {
+            Mode::Standalone { .. } => None,
+            Mode::ControlPlane(_) => Some(7),
+        };
+        let usage_retention = match file.ledger.usage_retention_days.or(retention_default) {
+            None => None,
+            Some(days @ 1..=36_500) => Some(Duration::from_secs(days * 86_400)),
+            Some(days) => {
+                return Err(self.bad(
+                    "ledger.usage_retention_days",
+                    format!(
+                        "{days} is out of range: use 1 to 36500 days, or leave it out to keep every record"
+                    ),
+                ));
+            }
+        };
+
         Ok(Config {
             path: self.path.to_path_buf(),
             node_id,
@@ -355,6 +386,7 @@ impl Validator<'_> {
                 600,
                 1..=7 * 86400,
             )?,
+            usage_retention,
         })
     }
 
@@ -560,6 +592,7 @@ mod tests {
         assert_eq!(config.mode, Mode::Standalone { policy_file: None });
         assert_eq!(config.checkpoint_interval, Duration::from_secs(60));
         assert_eq!(config.health_recovery, Duration::from_secs(600));
+        assert_eq!(config.usage_retention, None);
     }
 
     #[test]
@@ -616,6 +649,16 @@ mod tests {
                 "[gpu]\nrescan_seconds = 0",
                 "gpu.rescan_seconds",
                 "out of range",
+            ),
+            (
+                "[ledger]\nusage_retention_days = 0",
+                "ledger.usage_retention_days",
+                "leave it out to keep every record",
+            ),
+            (
+                "[ledger]\nretention = 3",
+                "ledger.retention",
+                "unknown field",
             ),
             (
                 "[gpu]\nrescan_seconds = -3",

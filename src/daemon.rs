@@ -108,6 +108,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         SessionSettings {
             node_id: config.node_id.clone(),
             injection: config.docker.device_injection,
+            usage_retention: config.usage_retention,
         },
         ledger,
         runtime,

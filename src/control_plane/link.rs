@@ -6,8 +6,8 @@
 //!   the link is up is judged from every call's result (`health`);
 //! - usage delivery: batches from the ledger's outbox through
 //!   `ReportUsage`, each record retried until acknowledged (record ids are
-//!   stable, so the control plane deduplicates), and acknowledged records
-//!   compacted after the retention period.
+//!   stable, so the control plane deduplicates); acknowledged records are
+//!   folded after the retention period by the session manager.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,9 +35,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const PROBE_MAX: Duration = Duration::from_secs(5);
 /// Records per `ReportUsage` call.
 const USAGE_BATCH: u32 = 500;
-/// Delivered usage records are kept this long after their period ended
-/// (their sums stay: see `Ledger::fold_usage`).
-pub const USAGE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The next backoff: doubled, capped, with up to a quarter of jitter so a
 /// fleet does not reconnect in step.
@@ -246,7 +243,6 @@ impl Link {
     /// control plane acknowledges it.
     pub async fn deliver_usage(self: Arc<Self>, shutdown: CancellationToken) {
         let mut backoff = BACKOFF_START;
-        let mut compacted_at = UnixNanos(0);
         let mut link_up = self.state.subscribe();
         loop {
             let delay = match self.deliver_once().await {
@@ -264,25 +260,6 @@ impl Link {
                     backoff
                 }
             };
-            let now = self.now();
-            if now.0.saturating_sub(compacted_at.0) > 3_600_000_000_000 {
-                compacted_at = now;
-                let before = UnixNanos(
-                    now.0
-                        .saturating_sub(i64::try_from(USAGE_RETENTION.as_nanos()).unwrap_or(0)),
-                );
-                match self
-                    .agent
-                    .sessions()
-                    .ledger()
-                    .fold_usage(before, true)
-                    .await
-                {
-                    Ok(0) => {}
-                    Ok(removed) => tracing::info!(removed, "compacted delivered usage records"),
-                    Err(error) => tracing::warn!(error = %error, "compacting usage records failed"),
-                }
-            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}

@@ -62,6 +62,9 @@ const RECORDED_MESSAGE_LEN: usize = 1024;
 pub struct SessionSettings {
     pub node_id: String,
     pub injection: DeviceInjection,
+    /// Raw usage records older than this are folded into the sums that
+    /// hold them (acknowledged ones only, in control-plane mode).
+    pub usage_retention: Option<Duration>,
 }
 
 #[derive(Debug)]

@@ -383,7 +383,12 @@ impl SessionManager {
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await;
+        let mut folded_at: Option<tokio::time::Instant> = None;
         loop {
+            if folded_at.is_none_or(|at| at.elapsed() >= FOLD_EVERY) {
+                folded_at = Some(tokio::time::Instant::now());
+                self.fold_old_usage().await;
+            }
             let next_stop = self.next_scheduled_stop().unwrap_or(interval);
             // Launches wait on a recovery: it is retried sooner than a checkpoint.
             let recovering = self.recovering().await.is_some();
@@ -404,6 +409,31 @@ impl SessionManager {
             if let Err(refusal) = self.enforce().await {
                 tracing::warn!(error = %refusal, "enforcing balances and reservations failed; retried at the next checkpoint");
             }
+        }
+    }
+}
+
+/// How often raw usage records past the retention are folded.
+const FOLD_EVERY: Duration = Duration::from_secs(3600);
+
+impl SessionManager {
+    /// Folds raw usage records past the retention into the sums that hold
+    /// them: every record in standalone mode, acknowledged ones with a
+    /// control plane (the others wait for their delivery).
+    async fn fold_old_usage(&self) {
+        let Some(retention) = self.settings.usage_retention else {
+            return;
+        };
+        let before = UnixNanos(
+            self.clock
+                .now()
+                .0
+                .saturating_sub(i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX)),
+        );
+        match self.ledger.fold_usage(before, self.credit.is_some()).await {
+            Ok(0) => {}
+            Ok(folded) => tracing::info!(folded, before = %before, "folded raw usage records past the retention; their sums stay"),
+            Err(error) => tracing::warn!(error = %error, "folding raw usage records failed; retried in an hour"),
         }
     }
 }

@@ -53,6 +53,7 @@ fn setup_with(injection: DeviceInjection, policy: Policy) -> Setup {
         SessionSettings {
             node_id: "n1".into(),
             injection,
+            usage_retention: None,
         },
         ledger,
         runtime.clone(),
@@ -943,6 +944,7 @@ async fn a_session_stopped_during_a_reconcile_leaves_no_device_withheld() {
         SessionSettings {
             node_id: "n1".into(),
             injection: DeviceInjection::Env,
+            usage_retention: None,
         },
         ledger,
         runtime.clone(),
