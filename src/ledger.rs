@@ -352,6 +352,9 @@ impl Ledger {
             )
             .map_err(sqlite)?;
         let mut connection = connection;
+        // Room for every statement the ledger prepares, so none is
+        // prepared twice.
+        connection.set_prepared_statement_cache_capacity(64);
         schema::apply(&mut connection).map_err(sqlite)?;
         // Reads have a connection of their own: WAL readers see the last
         // commit and never wait for the writer, nor it for them.
@@ -359,6 +362,7 @@ impl Ledger {
         reader
             .execute_batch("PRAGMA query_only = ON; PRAGMA busy_timeout = 5000;")
             .map_err(sqlite)?;
+        reader.set_prepared_statement_cache_capacity(64);
         Ok(Self {
             path,
             connection: Arc::new(Mutex::new(connection)),
@@ -449,59 +453,8 @@ impl Ledger {
                 open: open_sessions(&tx)?,
                 billed_delta: account_delta(&tx, &new.billed_account_id)?,
             };
-            let Admitted {
-                devices,
-                billing_path,
-            } = admit(&view).map_err(Outcome::Other)?;
-            tx.execute(
-                &format!("INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, 'starting', ?10, ?11, NULL, NULL, NULL, NULL, '', 0, 0.0, 0)"),
-                params![
-                    new.id.0,
-                    new.request_id,
-                    new.node_id,
-                    new.scope.as_str(),
-                    new.account_id,
-                    new.billed_account_id,
-                    new.owner.subject,
-                    new.owner.kind.as_str(),
-                    new.image,
-                    billing_path.as_str(),
-                    new.created_at.0,
-                ],
-            )?;
-            for (position, (device, rate)) in devices.iter().enumerate() {
-                tx.execute(
-                    "INSERT INTO session_devices (session_id, position, device_uuid, device_class, weight_slices, weight_of, rate_nano)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![
-                        new.id.0,
-                        position as i64,
-                        device.uuid.as_str(),
-                        device.class,
-                        device.weight.slices,
-                        device.weight.of,
-                        rate.0.0,
-                    ],
-                )?;
-                tx.execute(
-                    "INSERT INTO device_holds (device_uuid, session_id) VALUES (?1, ?2)",
-                    params![device.uuid.as_str(), new.id.0],
-                )?;
-            }
-            let record = session_by(&tx, "id", &new.id.0)?
-                .ok_or_else(|| Outcome::Corrupt(format!("session {} vanished", new.id)))?;
-            insert_audit(
-                &tx,
-                &AuditRecord {
-                    at: new.created_at,
-                    action: AuditAction::Launch,
-                    actor: Actor::Principal(new.owner.clone()),
-                    account_id: new.account_id.clone(),
-                    session_id: new.id.0.clone(),
-                    reason: String::new(),
-                    detail: format!("request {} devices {}", new.request_id, record.device_list()),
-                },
-            )?;
+            let admitted = admit(&view).map_err(Outcome::Other)?;
+            let record = insert_session(&tx, &new, &admitted)?;
             tx.commit()?;
             Ok(Begun::Created(record))
         })
@@ -520,15 +473,8 @@ impl Ledger {
         started_at: UnixNanos,
     ) -> Result<SessionRecord, LedgerError> {
         let (id, container_id) = (id.0.clone(), container_id.to_owned());
-        self.transaction(move |tx| {
-            tx.execute(
-                "UPDATE sessions SET state = 'running', container_id = ?2, started_at_ns = ?3, metered_until_ns = ?3
-                 WHERE id = ?1 AND state = 'starting'",
-                params![id, container_id, started_at.0],
-            )?;
-            require(session_by(tx, "id", &id)?, &id)
-        })
-        .await
+        self.transaction(move |tx| mark_running_tx(tx, &id, &container_id, started_at))
+            .await
     }
 
     /// A stop began, for `reason`: kept so that whoever sees the container
@@ -553,24 +499,8 @@ impl Ledger {
     /// checkpoint). Returns how many records were written.
     pub async fn checkpoint(&self, id: &SessionId, until: UnixNanos) -> Result<usize, LedgerError> {
         let id = id.0.clone();
-        self.transaction(move |tx| {
-            let Some(session) = session_by(tx, "id", &id)? else {
-                return Ok(0);
-            };
-            if !matches!(
-                session.state,
-                SessionState::Running | SessionState::Stopping
-            ) {
-                return Ok(0);
-            }
-            match session.metered_until {
-                Some(from) if until.millis() > from.millis() => {
-                    write_cut(tx, &session, from, until, false)
-                }
-                _ => Ok(0),
-            }
-        })
-        .await
+        self.transaction(move |tx| checkpoint_tx(tx, &id, until))
+            .await
     }
 
     /// Ends a session: the last usage records up to `ended_at` (when it ever
@@ -584,35 +514,8 @@ impl Ledger {
         detail: String,
     ) -> Result<Option<SessionRecord>, LedgerError> {
         let id = id.0.clone();
-        self.transaction(move |tx| {
-            let Some(session) = session_by(tx, "id", &id)? else {
-                return Ok(None);
-            };
-            if !session.is_open() {
-                return Ok(None);
-            }
-            // A session never started bills nothing; one that did is billed
-            // to its end, and never before the last checkpoint.
-            let ended_at = match (session.metered_until, ended_at) {
-                (Some(from), Some(end)) => {
-                    let end = end.max(from);
-                    write_cut(tx, &session, from, end, true)?;
-                    Some(end)
-                }
-                (Some(from), None) => {
-                    write_cut(tx, &session, from, from, true)?;
-                    Some(from)
-                }
-                (None, _) => None,
-            };
-            tx.execute(
-                "UPDATE sessions SET state = 'ended', ended_at_ns = ?2, end_reason = ?3, end_detail = ?4 WHERE id = ?1",
-                params![id, ended_at.map(|t| t.0), reason.as_str(), detail],
-            )?;
-            tx.execute("DELETE FROM device_holds WHERE session_id = ?1", params![id])?;
-            session_by(tx, "id", &id)
-        })
-        .await
+        self.transaction(move |tx| close_tx(tx, &id, ended_at, reason, &detail))
+            .await
     }
 
     pub async fn get(&self, id: &SessionId) -> Result<Option<SessionRecord>, LedgerError> {
@@ -1051,6 +954,20 @@ impl Ledger {
         self.transaction(held_devices).await
     }
 
+    /// Runs several of the agent's own ledger operations in one
+    /// transaction: for building histories of months or years in
+    /// benchmarks. The agent itself never batches: each of its changes is
+    /// its own transaction.
+    #[doc(hidden)]
+    pub async fn batch<T, F>(&self, work: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Batch<'_>) -> Result<T, BatchError> + Send + 'static,
+    {
+        self.transaction(move |tx| work(&Batch(tx)).map_err(|error| error.0))
+            .await
+    }
+
     /// Runs `work` in one transaction, committed when it returns `Ok`.
     async fn transaction<T, F>(&self, work: F) -> Result<T, LedgerError>
     where
@@ -1070,6 +987,54 @@ impl Ledger {
             CallError::Ledger(error) => error,
             CallError::Other(never) => match never {},
         })
+    }
+}
+
+/// The agent's ledger operations inside one [`Ledger::batch`].
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Batch<'a>(&'a Transaction<'a>);
+
+/// An operation of a [`Batch`] failed; the batch is rolled back.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct BatchError(Outcome<std::convert::Infallible>);
+
+impl From<Outcome<std::convert::Infallible>> for BatchError {
+    fn from(outcome: Outcome<std::convert::Infallible>) -> Self {
+        Self(outcome)
+    }
+}
+
+impl Batch<'_> {
+    /// [`Ledger::begin_session`] of a session already admitted.
+    pub fn begin(&self, new: &NewSession, admitted: &Admitted) -> Result<SessionRecord, BatchError> {
+        Ok(insert_session(self.0, new, admitted)?)
+    }
+
+    /// [`Ledger::mark_running`].
+    pub fn mark_running(
+        &self,
+        id: &SessionId,
+        container_id: &str,
+        started_at: UnixNanos,
+    ) -> Result<SessionRecord, BatchError> {
+        Ok(mark_running_tx(self.0, &id.0, container_id, started_at)?)
+    }
+
+    /// [`Ledger::checkpoint`].
+    pub fn checkpoint(&self, id: &SessionId, until: UnixNanos) -> Result<usize, BatchError> {
+        Ok(checkpoint_tx(self.0, &id.0, until)?)
+    }
+
+    /// [`Ledger::close`].
+    pub fn close(
+        &self,
+        id: &SessionId,
+        ended_at: UnixNanos,
+        reason: EndReason,
+    ) -> Result<Option<SessionRecord>, BatchError> {
+        Ok(close_tx(self.0, &id.0, Some(ended_at), reason, "")?)
     }
 }
 
@@ -1122,6 +1087,132 @@ fn require<E>(session: Option<SessionRecord>, id: &str) -> Result<SessionRecord,
     session.ok_or_else(|| Outcome::Corrupt(format!("session {id} is not in the ledger")))
 }
 
+/// Records an admitted session (STARTING), its devices, their holds and the
+/// launch's audit entry.
+fn insert_session<E>(
+    tx: &Transaction<'_>,
+    new: &NewSession,
+    admitted: &Admitted,
+) -> Result<SessionRecord, Outcome<E>> {
+    tx.prepare_cached(&format!(
+        "INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, 'starting', ?10, ?11, NULL, NULL, NULL, NULL, '', 0, 0.0, 0)"
+    ))?
+    .execute(params![
+        new.id.0,
+        new.request_id,
+        new.node_id,
+        new.scope.as_str(),
+        new.account_id,
+        new.billed_account_id,
+        new.owner.subject,
+        new.owner.kind.as_str(),
+        new.image,
+        admitted.billing_path.as_str(),
+        new.created_at.0,
+    ])?;
+    for (position, (device, rate)) in admitted.devices.iter().enumerate() {
+        tx.prepare_cached(
+            "INSERT INTO session_devices (session_id, position, device_uuid, device_class, weight_slices, weight_of, rate_nano)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            new.id.0,
+            position as i64,
+            device.uuid.as_str(),
+            device.class,
+            device.weight.slices,
+            device.weight.of,
+            rate.0.0,
+        ])?;
+        tx.prepare_cached("INSERT INTO device_holds (device_uuid, session_id) VALUES (?1, ?2)")?
+            .execute(params![device.uuid.as_str(), new.id.0])?;
+    }
+    let record = session_by(tx, "id", &new.id.0)?
+        .ok_or_else(|| Outcome::Corrupt(format!("session {} vanished", new.id)))?;
+    insert_audit(
+        tx,
+        &AuditRecord {
+            at: new.created_at,
+            action: AuditAction::Launch,
+            actor: Actor::Principal(new.owner.clone()),
+            account_id: new.account_id.clone(),
+            session_id: new.id.0.clone(),
+            reason: String::new(),
+            detail: format!("request {} devices {}", new.request_id, record.device_list()),
+        },
+    )?;
+    Ok(record)
+}
+
+/// The container started at `started_at`: metering begins there.
+fn mark_running_tx<E>(
+    tx: &Transaction<'_>,
+    id: &str,
+    container_id: &str,
+    started_at: UnixNanos,
+) -> Result<SessionRecord, Outcome<E>> {
+    tx.prepare_cached(
+        "UPDATE sessions SET state = 'running', container_id = ?2, started_at_ns = ?3, metered_until_ns = ?3
+         WHERE id = ?1 AND state = 'starting'",
+    )?
+    .execute(params![id, container_id, started_at.0])?;
+    require(session_by(tx, "id", id)?, id)
+}
+
+/// Cuts usage records of an open, started session up to `until`.
+fn checkpoint_tx<E>(tx: &Transaction<'_>, id: &str, until: UnixNanos) -> Result<usize, Outcome<E>> {
+    let Some(session) = session_by(tx, "id", id)? else {
+        return Ok(0);
+    };
+    if !matches!(
+        session.state,
+        SessionState::Running | SessionState::Stopping
+    ) {
+        return Ok(0);
+    }
+    match session.metered_until {
+        Some(from) if until.millis() > from.millis() => write_cut(tx, &session, from, until, false),
+        _ => Ok(0),
+    }
+}
+
+/// Ends a session: its last usage records, state ENDED, devices released.
+fn close_tx<E>(
+    tx: &Transaction<'_>,
+    id: &str,
+    ended_at: Option<UnixNanos>,
+    reason: EndReason,
+    detail: &str,
+) -> Result<Option<SessionRecord>, Outcome<E>> {
+    let Some(session) = session_by(tx, "id", id)? else {
+        return Ok(None);
+    };
+    if !session.is_open() {
+        return Ok(None);
+    }
+    // A session never started bills nothing; one that did is billed to its
+    // end, and never before the last checkpoint.
+    let ended_at = match (session.metered_until, ended_at) {
+        (Some(from), Some(end)) => {
+            let end = end.max(from);
+            write_cut(tx, &session, from, end, true)?;
+            Some(end)
+        }
+        (Some(from), None) => {
+            write_cut(tx, &session, from, from, true)?;
+            Some(from)
+        }
+        (None, _) => None,
+    };
+    tx.prepare_cached(
+        "UPDATE sessions SET state = 'ended', ended_at_ns = ?2, end_reason = ?3, end_detail = ?4 WHERE id = ?1",
+    )?
+    .execute(params![id, ended_at.map(|t| t.0), reason.as_str(), detail])?;
+    tx.prepare_cached("DELETE FROM device_holds WHERE session_id = ?1")?
+        .execute(params![id])?;
+    session_by(tx, "id", id)
+}
+
 /// Writes one usage record per device of `session` for `from..to`, advances
 /// its metering mark; `last` marks the session's final records.
 fn write_cut<E>(
@@ -1131,18 +1222,19 @@ fn write_cut<E>(
     to: UnixNanos,
     last: bool,
 ) -> Result<usize, Outcome<E>> {
-    let seq: i64 = tx.query_row(
-        "UPDATE sessions SET usage_seq = usage_seq + 1 WHERE id = ?1 RETURNING usage_seq",
-        params![session.id.0],
-        |row| row.get(0),
-    )?;
+    let seq: i64 = tx
+        .prepare_cached(
+            "UPDATE sessions SET usage_seq = usage_seq + 1 WHERE id = ?1 RETURNING usage_seq",
+        )?
+        .query_row(params![session.id.0], |row| row.get(0))?;
     let cuts = metering::cut(&session.devices, from, to);
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO usage_records (id, session_id, seq, device_uuid, device_class, period_start_ns,
+             period_end_ns, device_ms, gpu_seconds, cost_nano, final, delivered_at_ns)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, NULL)",
+    )?;
     for cut in &cuts {
-        tx.execute(
-            "INSERT INTO usage_records (id, session_id, seq, device_uuid, device_class, period_start_ns,
-                 period_end_ns, device_ms, gpu_seconds, cost_nano, final, delivered_at_ns)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, NULL)",
-            params![
+        insert.execute(params![
                 format!("{}/{seq}/{}", session.id, cut.device_uuid),
                 session.id.0,
                 seq,
@@ -1153,14 +1245,12 @@ fn write_cut<E>(
                 cut.device_ms,
                 cut.gpu_seconds,
                 cut.cost.0,
-                last,
-            ],
-        )?;
+            last,
+        ])?;
     }
-    tx.execute(
-        "UPDATE sessions SET metered_until_ns = ?2 WHERE id = ?1",
-        params![session.id.0, to.0],
-    )?;
+    drop(insert);
+    tx.prepare_cached("UPDATE sessions SET metered_until_ns = ?2 WHERE id = ?1")?
+        .execute(params![session.id.0, to.0])?;
     // The sums go with the records they sum: one transaction.
     usage::add_to_sums(tx, session, &cuts)?;
     // The debit goes with the record it pays for: one transaction.
@@ -1195,11 +1285,11 @@ fn read_usage_total(row: &Row<'_>) -> rusqlite::Result<Result<UsageTotal, String
 }
 
 fn move_balance<E>(tx: &Transaction<'_>, account: &str, delta: Credits) -> Result<(), Outcome<E>> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO account_balances (account_id, delta_nano) VALUES (?1, ?2)
          ON CONFLICT (account_id) DO UPDATE SET delta_nano = delta_nano + excluded.delta_nano",
-        params![account, delta.0],
-    )?;
+    )?
+    .execute(params![account, delta.0])?;
     Ok(())
 }
 
@@ -1259,10 +1349,11 @@ fn open_sessions<E>(tx: &Transaction<'_>) -> Result<Vec<OpenSessionRow>, Outcome
 
 fn insert_audit<E>(tx: &Transaction<'_>, record: &AuditRecord) -> Result<(), Outcome<E>> {
     let (actor, kind) = record.actor.columns();
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO audit (at_ns, action, actor, actor_kind, account_id, session_id, reason, detail)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![
+    )?
+    .execute(params![
             record.at.0,
             record.action.as_str(),
             actor,
@@ -1295,11 +1386,10 @@ fn session_by<E>(
     value: &str,
 ) -> Result<Option<SessionRecord>, Outcome<E>> {
     let session = tx
-        .query_row(
-            &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE {column} = ?1"),
-            params![value],
-            read_session,
-        )
+        .prepare_cached(&format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions WHERE {column} = ?1"
+        ))?
+        .query_row(params![value], read_session)
         .optional()?;
     session.map(|session| complete(tx, session)).transpose()
 }
