@@ -11,50 +11,10 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::{Read as _, Write as _};
 use std::time::{Duration, Instant};
 
-use common::Daemon;
 use common::tls::free_port;
-
-/// Clock ticks per second of /proc/<pid>/stat's CPU times (USER_HZ).
-const TICKS_PER_SECOND: f64 = 100.0;
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kib| kib.parse().ok())
-        .unwrap()
-}
-
-/// User + system CPU ticks of `pid` so far.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces) start at ")".
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    // utime and stime are fields 14 and 15 of the line: 12 and 13 here.
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
-fn scrape(port: u16) -> usize {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/openmetrics-text\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
-    response.len()
-}
+use common::{Daemon, TICKS_PER_SECOND, cpu_ticks, rss_kib, scrape};
 
 #[tokio::main]
 async fn main() {

@@ -1008,7 +1008,11 @@ impl From<Outcome<std::convert::Infallible>> for BatchError {
 
 impl Batch<'_> {
     /// [`Ledger::begin_session`] of a session already admitted.
-    pub fn begin(&self, new: &NewSession, admitted: &Admitted) -> Result<SessionRecord, BatchError> {
+    pub fn begin(
+        &self,
+        new: &NewSession,
+        admitted: &Admitted,
+    ) -> Result<SessionRecord, BatchError> {
         Ok(insert_session(self.0, new, admitted)?)
     }
 
@@ -1138,7 +1142,11 @@ fn insert_session<E>(
             account_id: new.account_id.clone(),
             session_id: new.id.0.clone(),
             reason: String::new(),
-            detail: format!("request {} devices {}", new.request_id, record.device_list()),
+            detail: format!(
+                "request {} devices {}",
+                new.request_id,
+                record.device_list()
+            ),
         },
     )?;
     Ok(record)
@@ -1235,16 +1243,16 @@ fn write_cut<E>(
     )?;
     for cut in &cuts {
         insert.execute(params![
-                format!("{}/{seq}/{}", session.id, cut.device_uuid),
-                session.id.0,
-                seq,
-                cut.device_uuid.as_str(),
-                cut.device_class,
-                cut.period_start.0,
-                cut.period_end.0,
-                cut.device_ms,
-                cut.gpu_seconds,
-                cut.cost.0,
+            format!("{}/{seq}/{}", session.id, cut.device_uuid),
+            session.id.0,
+            seq,
+            cut.device_uuid.as_str(),
+            cut.device_class,
+            cut.period_start.0,
+            cut.period_end.0,
+            cut.device_ms,
+            cut.gpu_seconds,
+            cut.cost.0,
             last,
         ])?;
     }

@@ -66,15 +66,27 @@ impl Daemon {
 
     /// `start`, with these variables in the daemon's environment.
     pub fn start_with_env(fixture_name: &str, extra: &str, env: &[(&str, &str)]) -> Self {
-        Self::start_inner(fixture_name, extra, env, false)
+        Self::start_inner(fixture_name, extra, env, false, |_| {})
     }
 
     /// `start`, with the daemon's log written to a file that `log` reads.
     pub fn start_logged(fixture_name: &str, extra: &str) -> Self {
-        Self::start_inner(fixture_name, extra, &[], true)
+        Self::start_inner(fixture_name, extra, &[], true, |_| {})
     }
 
-    fn start_inner(fixture_name: &str, extra: &str, env: &[(&str, &str)], logged: bool) -> Self {
+    /// `start`, on a state directory `prepare` fills first (a ledger built
+    /// beforehand).
+    pub fn start_with_state(fixture_name: &str, extra: &str, prepare: impl FnOnce(&Path)) -> Self {
+        Self::start_inner(fixture_name, extra, &[], false, prepare)
+    }
+
+    fn start_inner(
+        fixture_name: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+        logged: bool,
+        prepare: impl FnOnce(&Path),
+    ) -> Self {
         // Tests run side by side: metrics on a port of their own.
         let extra = if extra.contains("[metrics]") {
             extra.to_owned()
@@ -107,6 +119,9 @@ impl Daemon {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        prepare(&state);
         let log = logged.then(|| dir.path().join("daemon.log"));
         let child = spawn(&config, &env, log.as_deref());
         Self {
@@ -269,6 +284,59 @@ impl Drop for Daemon {
 
 /// The sample at fraction `p` (0 to 1) of sorted `samples`: for the
 /// benches' p50 and p90.
+/// Clock ticks per second of /proc/<pid>/stat's CPU times (USER_HZ).
+pub const TICKS_PER_SECOND: f64 = 100.0;
+
+/// A `Vm*:` line of /proc/<pid>/status, in KiB (`VmRSS`, `VmHWM`: peak).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.trim_start_matches(':').split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .unwrap()
+}
+
+/// Resident memory of `pid` now, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// The most resident memory `pid` ever had, in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM")
+}
+
+/// User + system CPU ticks of `pid` so far.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at ")".
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 here.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// GETs /metrics on `port` as Prometheus does (OpenMetrics); returns the
+/// response's size in bytes.
+pub fn scrape(port: u16) -> usize {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/openmetrics-text\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    response.len()
+}
+
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }

@@ -432,8 +432,12 @@ impl SessionManager {
         );
         match self.ledger.fold_usage(before, self.credit.is_some()).await {
             Ok(0) => {}
-            Ok(folded) => tracing::info!(folded, before = %before, "folded raw usage records past the retention; their sums stay"),
-            Err(error) => tracing::warn!(error = %error, "folding raw usage records failed; retried in an hour"),
+            Ok(folded) => {
+                tracing::info!(folded, before = %before, "folded raw usage records past the retention; their sums stay")
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "folding raw usage records failed; retried in an hour")
+            }
         }
     }
 }
