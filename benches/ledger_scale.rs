@@ -15,6 +15,7 @@
 //!
 //!     cargo bench --bench ledger_scale                 # 1 and 30 days
 //!     DAYS=1,30,365 cargo bench --bench ledger_scale   # a year: ~9 M records
+//!     RETENTION_DAYS=7 cargo bench --bench ledger_scale  # with ledger.usage_retention_days
 //!     WINDOW_SECONDS=60 (idle CPU window), ROUNDS=7
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
@@ -23,8 +24,6 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::launch::{SLEEP, gpus, launch_request};
@@ -51,9 +50,17 @@ fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
-/// Builds `days` of history ending `end` into `dir`'s ledger; returns how
-/// many sessions it holds.
-async fn build(dir: &Path, days: i64, end: UnixNanos, devices: &[AssignableDevice]) -> usize {
+/// Builds `days` of history ending `end` into `dir`'s ledger, folding raw
+/// records older than `retention_days` at the end of each simulated day
+/// when given (as the agent does hourly); returns how many sessions it
+/// holds.
+async fn build(
+    dir: &Path,
+    days: i64,
+    end: UnixNanos,
+    devices: &[AssignableDevice],
+    retention_days: Option<i64>,
+) -> usize {
     let ledger = Ledger::open(dir).unwrap();
     let start = end.0 - days * 24 * 60 * MINUTE;
     let hours = days * 24;
@@ -106,6 +113,15 @@ async fn build(dir: &Path, days: i64, end: UnixNanos, devices: &[AssignableDevic
             })
             .await
             .unwrap();
+        if let Some(retention) = retention_days
+            && (hour + 1) % 24 == 0
+        {
+            let day_end = hour_start + 60 * MINUTE;
+            ledger
+                .fold_usage(UnixNanos(day_end - retention * 24 * 60 * MINUTE), false)
+                .await
+                .unwrap();
+        }
     }
     sessions
 }
@@ -137,13 +153,19 @@ async fn main() {
         .map(|d| d.trim().parse().unwrap())
         .collect();
     let rounds: usize = env_or("ROUNDS", "7").parse().unwrap();
+    let retention_days: Option<i64> = std::env::var("RETENTION_DAYS")
+        .ok()
+        .map(|d| d.parse().unwrap());
     let window = Duration::from_secs(env_or("WINDOW_SECONDS", "60").parse().unwrap());
     let devices = load_fixture(&common::fixture("sim-dgx-a100.toml"))
         .unwrap()
         .assignable();
     println!(
-        "ledger at scale: {} devices, one {SESSION_MINUTES}-minute session each at a time, usage cut every 60 s",
-        devices.len()
+        "ledger at scale: {} devices, one {SESSION_MINUTES}-minute session each at a time, usage cut every 60 s{}",
+        devices.len(),
+        retention_days.map_or(String::new(), |days| format!(
+            ", raw records kept {days} day(s)"
+        ))
     );
     for days in days {
         let built = tempfile::tempdir().unwrap();
@@ -151,7 +173,7 @@ async fn main() {
         // History ends an hour ago; the daemon serves on top of it.
         let end = UnixNanos(now.0 - 60 * MINUTE);
         let began = Instant::now();
-        let sessions = build(built.path(), days, end, &devices).await;
+        let sessions = build(built.path(), days, end, &devices, retention_days).await;
         let build_time = began.elapsed();
         let bytes = std::fs::metadata(built.path().join("ledger.db"))
             .unwrap()
@@ -257,21 +279,13 @@ async fn main() {
         for _ in 0..rounds {
             alone.push(launch(&mut client).await);
         }
-        let scraping = Arc::new(AtomicBool::new(true));
-        let scraper = {
-            let scraping = Arc::clone(&scraping);
-            std::thread::spawn(move || {
-                while scraping.load(Ordering::Relaxed) {
-                    scrape(port);
-                }
-            })
-        };
         let mut during = Vec::new();
         for _ in 0..rounds {
+            // A scrape starts with the launch, as Prometheus' would.
+            let scraper = std::thread::spawn(move || scrape(port));
             during.push(launch(&mut client).await);
+            scraper.join().unwrap();
         }
-        scraping.store(false, Ordering::Relaxed);
-        scraper.join().unwrap();
         alone.sort();
         during.sort();
         let (alone_median, during_median) = (ms(alone[rounds / 2]), ms(during[rounds / 2]));
@@ -280,7 +294,7 @@ async fn main() {
             ms(alone[0])
         );
         println!(
-            "  Launch→RUNNING during scrapes        {:8.2} / {during_median:8.2} ms ({:.2}x)",
+            "  Launch→RUNNING during a scrape       {:8.2} / {during_median:8.2} ms ({:.2}x)",
             ms(during[0]),
             during_median / alone_median
         );

@@ -773,8 +773,8 @@ impl Ledger {
             let mut statement = tx.prepare_cached(
                 "SELECT c.session_id, c.cc_request_number, c.granted_until_ns, c.granted_ns,
                         c.final_action, c.final_end_reason, c.reported_until_ns, c.released_at_ns
-                 FROM credit_control c JOIN sessions s ON s.id = c.session_id
-                 WHERE s.state != 'ended' OR c.released_at_ns IS NULL
+                 FROM credit_control c INDEXED BY credit_unreleased CROSS JOIN sessions s
+                 WHERE c.released_at_ns IS NULL AND s.id = c.session_id
                  ORDER BY s.created_at_ns",
             )?;
             let rows = statement
@@ -1324,7 +1324,8 @@ fn balance_deltas<E>(tx: &Transaction<'_>) -> Result<HashMap<String, Credits>, O
 
 fn open_sessions<E>(tx: &Transaction<'_>) -> Result<Vec<OpenSessionRow>, Outcome<E>> {
     let mut statement = tx.prepare_cached(
-        "SELECT id, scope, account_id FROM sessions WHERE state != 'ended' ORDER BY created_at_ns, id",
+        "SELECT id, scope, account_id FROM sessions INDEXED BY sessions_open
+         WHERE state != 'ended' ORDER BY created_at_ns, id",
     )?;
     let rows = statement
         .query_map([], |row| {

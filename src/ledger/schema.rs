@@ -133,6 +133,9 @@ DROP INDEX IF EXISTS sessions_account;
 CREATE INDEX sessions_created ON sessions(created_at_ns, id);
 CREATE INDEX sessions_account_created ON sessions(account_id, created_at_ns, id);
 CREATE INDEX sessions_billed_created ON sessions(billed_account_id, created_at_ns, id);
+-- Credit control of sessions whose terminate is owed (every open session's
+-- is): what the credit tick reads every second.
+CREATE INDEX credit_unreleased ON credit_control(session_id) WHERE released_at_ns IS NULL;
 -- A record counts on the UTC day its period ends (day = period_end_ns /
 -- 86400e9), under the account, scope and billing path of its session.
 CREATE TABLE usage_daily (

@@ -376,6 +376,7 @@ async fn a_ledger_of_the_first_version_gets_its_sums_from_its_records() {
              DELETE FROM usage_records WHERE session_id = '{compacted}';
              DROP TABLE usage_daily; DROP TABLE usage_totals; DROP TABLE ledger_counters;
              DROP INDEX sessions_created; DROP INDEX sessions_account_created; DROP INDEX sessions_billed_created;
+             DROP INDEX credit_unreleased;
              ALTER TABLE sessions DROP COLUMN recorded_ms;
              ALTER TABLE sessions DROP COLUMN recorded_gpu_seconds;
              ALTER TABLE sessions DROP COLUMN recorded_cost_nano;
