@@ -5,8 +5,18 @@
 //! and at each session's end: the outbox later delivered to the control
 //! plane. Every change of a session and its usage is one transaction.
 //!
-//! SQLite calls block (an fsync per commit); async code reaches them through
-//! `Ledger::call_with` only, which runs them on tokio's blocking pool.
+//! Every read it serves costs the same whatever the history (`usage`): sums
+//! are kept beside the records they sum, in the same transaction (per
+//! session, per account and day, all-time; the outbox backlog is a
+//! counter), sessions are listed in pages through indexes, and raw records
+//! past the retention are folded away without changing any sum. Tables and
+//! their migrations are in `schema`.
+//!
+//! SQLite calls block (an fsync per commit); async code reaches them on
+//! tokio's blocking pool only: writes through `Ledger::call_with` on the
+//! writer connection, reads through `Ledger::read` on a connection of
+//! their own, so that no read (a scrape, a usage report) holds up a launch,
+//! a checkpoint or a stop.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -102,8 +102,19 @@ pub fn gpu_seconds(ms: i64, weight: GpuWeight) -> f64 {
 }
 
 /// The cost of `ms` milliseconds at `rate`, rounded down to the nano-credit.
+/// A cost past what a ledger can hold (9.2 billion credits in one record)
+/// saturates, with an error logged: never a wrapped value, which would turn
+/// a debit into a credit.
 pub fn cost(ms: i64, rate: Rate) -> Credits {
-    Credits((i128::from(rate.0.0) * i128::from(ms) / 1000) as i64)
+    let exact = i128::from(rate.0.0) * i128::from(ms) / 1000;
+    Credits(i64::try_from(exact).unwrap_or_else(|_| {
+        tracing::error!(
+            device_ms = ms,
+            rate_nano_credits = rate.0.0,
+            "a usage record's cost is past what the ledger can hold; recorded at the limit"
+        );
+        if exact < 0 { i64::MIN } else { i64::MAX }
+    }))
 }
 
 /// The usage of every device of a session from `from` to `to`.
@@ -189,6 +200,21 @@ mod tests {
         let records = cut(&[full], UnixNanos(0), UnixNanos(3600 * SECOND));
         assert_eq!(records[0].cost, Credits::from_f64(3.6));
         assert_eq!(cost(1, Rate(Credits::from_f64(0.00015))), Credits(150));
+    }
+
+    #[test]
+    fn a_cost_past_the_limit_saturates_and_never_wraps_into_a_credit() {
+        // A year-long record at a million credits a second.
+        let rate = Rate(Credits::from_f64(1_000_000.0));
+        let year_ms = 365 * 86_400_000;
+        assert_eq!(cost(year_ms, rate), Credits(i64::MAX));
+        // Just under the limit is exact.
+        let at_limit = i64::MAX / 1_000_000_000_000_000 * 1000;
+        assert_eq!(
+            cost(at_limit, Rate(Credits(1_000_000_000_000_000))).0,
+            at_limit / 1000 * 1_000_000_000_000_000
+        );
+        assert!(cost(i64::MAX, Rate(Credits(i64::MAX))).0 > 0);
     }
 
     #[test]

@@ -244,6 +244,22 @@ async fn launch_list_stop_and_usage_of_sessions() {
     assert_eq!(all.as_array().unwrap().len(), 3);
     let table = ok(&daemon, &["sessions", "--all"]);
     assert!(table.ends_with("3 sessions (1 running)\n"), "{table}");
+    // The same sessions a page of one at a time, in the same order; a
+    // creation window after them holds none.
+    let ids = |sessions: &Value| -> Vec<String> {
+        sessions
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let paged = json(&daemon, &["sessions", "--all", "--page-size", "1"]);
+    assert_eq!(ids(&paged), ids(&all));
+    let later = json(&daemon, &["sessions", "--all", "--from", "2999-01-01"]);
+    assert!(ids(&later).is_empty(), "{later}");
+    let earlier = json(&daemon, &["sessions", "--all", "--to", "2000-01-01"]);
+    assert!(ids(&earlier).is_empty(), "{earlier}");
     let row = table.lines().find(|l| l.starts_with(&alice_id)).unwrap();
     assert_eq!(cell_at(&table, "END", row), "stopped", "{table}");
 

@@ -203,3 +203,35 @@ async fn a_socket_left_by_a_killed_daemon_is_taken_over() {
         .into_inner();
     assert_eq!(inventory.devices.len(), 2);
 }
+
+#[tokio::test]
+async fn a_page_token_the_agent_never_gave_is_refused_naming_the_field() {
+    let mut daemon = Daemon::start("sim-h100-pair.toml", "");
+    let mut client = daemon.client().await;
+    let status = client
+        .list_sessions(proto::ListSessionsRequest {
+            include_ended: true,
+            page_token: "page-7".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        gpuwarden::api::status::reason_of(&status).as_deref(),
+        Some("INVALID_REQUEST")
+    );
+    assert!(status.message().contains("page_token"), "{status:?}");
+    // The first page of nothing: no sessions, no next page.
+    let page = client
+        .list_sessions(proto::ListSessionsRequest {
+            include_ended: true,
+            page_size: 100_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(page.sessions.is_empty());
+    assert!(page.next_page_token.is_empty());
+}
