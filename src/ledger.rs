@@ -475,13 +475,15 @@ impl Ledger {
         })
     }
 
-    /// The container started at Docker's `started_at`: metering begins there.
+    /// The container started at Docker's `started_at`: metering begins
+    /// there. Only a STARTING session moves: `None` says it was not (ended
+    /// or running already), and nothing changed.
     pub async fn mark_running(
         &self,
         id: &SessionId,
         container_id: &str,
         started_at: UnixNanos,
-    ) -> Result<SessionRecord, LedgerError> {
+    ) -> Result<Option<SessionRecord>, LedgerError> {
         let (id, container_id) = (id.0.clone(), container_id.to_owned());
         self.transaction(move |tx| mark_running_tx(tx, &id, &container_id, started_at))
             .await
@@ -1032,7 +1034,7 @@ impl Batch<'_> {
         id: &SessionId,
         container_id: &str,
         started_at: UnixNanos,
-    ) -> Result<SessionRecord, BatchError> {
+    ) -> Result<Option<SessionRecord>, BatchError> {
         Ok(mark_running_tx(self.0, &id.0, container_id, started_at)?)
     }
 
@@ -1162,19 +1164,24 @@ fn insert_session<E>(
     Ok(record)
 }
 
-/// The container started at `started_at`: metering begins there.
+/// The container started at `started_at`: metering begins there. `None`
+/// when the session was not STARTING (nothing changed).
 fn mark_running_tx<E>(
     tx: &Transaction<'_>,
     id: &str,
     container_id: &str,
     started_at: UnixNanos,
-) -> Result<SessionRecord, Outcome<E>> {
-    tx.prepare_cached(
-        "UPDATE sessions SET state = 'running', container_id = ?2, started_at_ns = ?3, metered_until_ns = ?3
-         WHERE id = ?1 AND state = 'starting'",
-    )?
-    .execute(params![id, container_id, started_at.0])?;
-    require(session_by(tx, "id", id)?, id)
+) -> Result<Option<SessionRecord>, Outcome<E>> {
+    let moved = tx
+        .prepare_cached(
+            "UPDATE sessions SET state = 'running', container_id = ?2, started_at_ns = ?3, metered_until_ns = ?3
+             WHERE id = ?1 AND state = 'starting'",
+        )?
+        .execute(params![id, container_id, started_at.0])?;
+    if moved == 0 {
+        return Ok(None);
+    }
+    require(session_by(tx, "id", id)?, id).map(Some)
 }
 
 /// Cuts usage records of an open, started session up to `until`.

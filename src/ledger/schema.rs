@@ -5,7 +5,10 @@
 
 use rusqlite::Connection;
 
-/// The tables of the first version; every later change is a migration.
+/// The tables of the first version (less the `sessions_account` index it
+/// had, which version 1 replaces); every later change is a migration. On a
+/// ledger that has them, these statements write nothing: an agent starts
+/// on a full or read-only state directory.
 const BASE: &str = r#"
 CREATE TABLE IF NOT EXISTS sessions (
     id                TEXT PRIMARY KEY,
@@ -28,7 +31,6 @@ CREATE TABLE IF NOT EXISTS sessions (
     end_detail        TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS sessions_open ON sessions(state) WHERE state != 'ended';
-CREATE INDEX IF NOT EXISTS sessions_account ON sessions(account_id);
 CREATE TABLE IF NOT EXISTS session_devices (
     session_id   TEXT NOT NULL REFERENCES sessions(id),
     position     INTEGER NOT NULL,

@@ -85,6 +85,9 @@ struct Inner {
     missing_images: BTreeSet<String>,
     calls: Vec<FakeCall>,
     failures: HashMap<FakeCallKind, VecDeque<RuntimeError>>,
+    /// The next start waits for this before it does anything (recorded
+    /// already), as a slow engine would.
+    held_start: Option<tokio::sync::oneshot::Receiver<()>>,
     events: broadcast::Sender<ContainerEvent>,
 }
 
@@ -156,6 +159,7 @@ impl FakeRuntime {
                 missing_images: BTreeSet::new(),
                 calls: Vec::new(),
                 failures: HashMap::new(),
+                held_start: None,
                 events,
             }),
         }
@@ -191,6 +195,15 @@ impl FakeRuntime {
 
     pub fn fail_next_start(&self, error: RuntimeError) {
         self.fail_next(FakeCallKind::Start, error);
+    }
+
+    /// The next start is recorded, then waits until the returned sender
+    /// is used (or dropped) before it starts the container: an engine call
+    /// that takes as long as the test wants.
+    pub fn hold_next_start(&self) -> tokio::sync::oneshot::Sender<()> {
+        let (release, held) = tokio::sync::oneshot::channel();
+        self.lock().held_start = Some(held);
+        release
     }
 
     /// The fake's "now": what start and stop record.
@@ -326,8 +339,15 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     async fn start(&self, id: &ContainerId) -> Result<(), RuntimeError> {
+        let held = {
+            let mut inner = self.lock();
+            inner.call(FakeCall::Start(id.clone()))?;
+            inner.held_start.take()
+        };
+        if let Some(held) = held {
+            let _ = held.await;
+        }
         let mut inner = self.lock();
-        inner.call(FakeCall::Start(id.clone()))?;
         let now = inner.now;
         let container = inner
             .containers

@@ -37,9 +37,6 @@ use crate::runtime::{ContainerId, ContainerRuntime, ContainerState, RuntimeError
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 /// How often a reconcile is retried while launches wait on one.
 const RECOVERY_RETRY: Duration = Duration::from_secs(5);
-/// A STARTING session younger than this may still be in its launch; the
-/// periodic reconcile leaves it alone.
-const LAUNCH_WINDOW: Duration = Duration::from_secs(120);
 /// Processes a session's container may have.
 const PIDS_LIMIT: i64 = 4096;
 
@@ -87,6 +84,11 @@ pub struct SessionManager {
     /// session not in here whose container runs had its stop cut short (the
     /// agent died, the engine was away): the next reconcile carries it out.
     stops_in_flight: Arc<Mutex<HashSet<SessionId>>>,
+    /// Sessions whose launch this process is carrying out, from before
+    /// the session is recorded until the launch returns: the reconcile
+    /// leaves a STARTING session in here to its launch, however long the
+    /// engine's calls take or the clock jumps.
+    launches_in_flight: Mutex<HashSet<SessionId>>,
     /// Billed accounts already told they are low or out, so each change is
     /// announced once.
     balance_notices: Mutex<HashMap<String, BalanceState>>,
@@ -165,6 +167,7 @@ impl SessionManager {
             events,
             scheduled: Mutex::new(HashMap::new()),
             stops_in_flight: Arc::default(),
+            launches_in_flight: Mutex::new(HashSet::new()),
             balance_notices: Mutex::new(HashMap::new()),
             credit: None,
             recovery: tokio::sync::RwLock::new(None),
@@ -658,6 +661,42 @@ impl SessionManager {
 }
 
 /// The stop of `id` is no longer under way in this process.
+/// A launch in flight (`SessionManager::launches_in_flight`): gone when the
+/// launch returns, or is dropped because its caller went away.
+#[derive(Debug)]
+struct LaunchInFlight<'a> {
+    in_flight: &'a Mutex<HashSet<SessionId>>,
+    id: SessionId,
+}
+
+impl Drop for LaunchInFlight<'_> {
+    fn drop(&mut self) {
+        release_stop(self.in_flight, &self.id);
+    }
+}
+
+impl SessionManager {
+    /// Registers the launch of session `id` until the guard is dropped.
+    fn launching(&self, id: &SessionId) -> LaunchInFlight<'_> {
+        self.launches_in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.clone());
+        LaunchInFlight {
+            in_flight: &self.launches_in_flight,
+            id: id.clone(),
+        }
+    }
+
+    /// Whether this process is launching session `id` now.
+    fn is_launching(&self, id: &SessionId) -> bool {
+        self.launches_in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(id)
+    }
+}
+
 fn release_stop(in_flight: &Mutex<HashSet<SessionId>>, id: &SessionId) {
     in_flight
         .lock()

@@ -85,6 +85,10 @@ impl SessionManager {
             image: plan.image.clone(),
             created_at: now,
         };
+        // Registered before the session is recorded and until this returns:
+        // the reconcile never decides a STARTING session's fate while its
+        // launch is under way.
+        let _launching = self.launching(&new.id);
         let selector = plan.devices.clone();
         // With a control plane, balances are its own: local debits do not
         // count against the balance it sent.
@@ -214,10 +218,20 @@ impl SessionManager {
                 detail: format!("container {id} reports no StartedAt after its start"),
             })
         })?;
-        let running = self
+        let Some(running) = self
             .ledger
             .mark_running(&session.id, &id.0, started_at)
-            .await?;
+            .await?
+        else {
+            // The session is no longer STARTING: something ended it while
+            // its container started. The container goes (the caller
+            // removes what it created); nothing runs unmetered.
+            return Err(Refusal::new(
+                Reason::ContainerEngineUnavailable,
+                "this launch was given up while its container started; the container is \
+                 removed and nothing was billed: launch again with a new request_id",
+            ));
+        };
         Ok((running, state))
     }
 

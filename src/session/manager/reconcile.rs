@@ -17,7 +17,7 @@ use crate::runtime::{ContainerEvent, ContainerEventKind, ContainerId, ContainerS
 use crate::session::{EndReason, SessionId, SessionRecord, SessionState};
 
 use super::{
-    DEFAULT_STOP_GRACE, LAUNCH_WINDOW, RECOVERY_RETRY, SessionManager, engine, exit_detail,
+    DEFAULT_STOP_GRACE, RECOVERY_RETRY, SessionManager, engine, exit_detail,
     release_stop,
 };
 
@@ -203,18 +203,32 @@ impl SessionManager {
     ) -> Result<(), Refusal> {
         let id = &session.id;
         if session.state == SessionState::Starting {
-            let young =
-                now.0.saturating_sub(session.created_at.0) < LAUNCH_WINDOW.as_nanos() as i64;
-            if young && !at_start {
+            // Its launch is under way in this process: the launch decides,
+            // however long the engine takes or the clock jumps.
+            if self.is_launching(id) {
                 return Ok(());
             }
+            // The launch is over (or was another process's). It may have
+            // finished since the lists were read: read afresh what it left.
+            match self.ledger.get(id).await? {
+                Some(current) if current.state == SessionState::Starting => {}
+                _ => return Ok(()),
+            }
+            let container = match container {
+                Some(listed) => self.runtime.inspect(&listed.id).await.map_err(engine)?,
+                None => None,
+            };
             return match container {
                 Some(state) if state.running && state.started_at.is_some() => {
                     let started_at = state.started_at.unwrap_or(now);
-                    self.ledger
+                    if self
+                        .ledger
                         .mark_running(id, &state.id.0, started_at)
-                        .await?;
-                    tracing::info!(session = %id, container = %state.id, "adopted a container whose launch was cut short");
+                        .await?
+                        .is_some()
+                    {
+                        tracing::info!(session = %id, container = %state.id, "adopted a container whose launch was cut short");
+                    }
                     Ok(())
                 }
                 Some(state) => {

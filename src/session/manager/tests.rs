@@ -1044,6 +1044,89 @@ async fn stop_is_for_the_owner_and_the_operator() {
     );
 }
 
+#[tokio::test]
+async fn a_launch_slower_than_any_window_is_its_own_to_decide_even_across_a_clock_step() {
+    let s = setup(DeviceInjection::Env);
+    // The engine's start takes as long as the test wants; meanwhile the
+    // clock jumps an hour and reconciles run.
+    let release = s.runtime.hold_next_start();
+    let launch = s
+        .manager
+        .launch(plan("slow", None), s.devices.clone(), Vec::new());
+    let meanwhile = async {
+        while !s
+            .runtime
+            .calls()
+            .iter()
+            .any(|call| matches!(call, FakeCall::Start(_)))
+        {
+            tokio::task::yield_now().await;
+        }
+        s.runtime.advance(Duration::from_secs(3600));
+        s.manager.reconcile(false).await.unwrap();
+        s.manager.reconcile(false).await.unwrap();
+        let open = s
+            .manager
+            .ledger()
+            .list(SessionFilter::open())
+            .await
+            .unwrap()
+            .sessions;
+        assert_eq!(open.len(), 1, "the launch's session stays");
+        assert_eq!(open[0].state, SessionState::Starting);
+        release.send(()).unwrap();
+    };
+    let (launched, ()) = tokio::join!(launch, meanwhile);
+    let session = launched.unwrap();
+    assert_eq!(session.state, SessionState::Running);
+    // Its device is its own, and its time is billed from Docker's start.
+    let holds = s.manager.ledger().holds().await.unwrap();
+    assert_eq!(holds.get(&session.devices[0].uuid), Some(&session.id));
+    s.runtime.advance(Duration::from_secs(60));
+    s.manager.reconcile(false).await.unwrap();
+    let metered = s.manager.get(&OPERATOR, &session.id).await.unwrap();
+    assert_eq!(metered.state, SessionState::Running);
+    assert_eq!(metered.recorded.device_ms, 60_000);
+}
+
+#[tokio::test]
+async fn a_launch_whose_session_was_ended_meanwhile_removes_its_container() {
+    let s = setup(DeviceInjection::Env);
+    let release = s.runtime.hold_next_start();
+    let launch = s
+        .manager
+        .launch(plan("given-up", None), s.devices.clone(), Vec::new());
+    let meanwhile = async {
+        while !s
+            .runtime
+            .calls()
+            .iter()
+            .any(|call| matches!(call, FakeCall::Start(_)))
+        {
+            tokio::task::yield_now().await;
+        }
+        // Something else ends the session while its container starts.
+        let open = s
+            .manager
+            .ledger()
+            .list(SessionFilter::open())
+            .await
+            .unwrap()
+            .sessions;
+        s.manager
+            .ledger()
+            .close(&open[0].id, None, EndReason::LaunchFailed, "given up".into())
+            .await
+            .unwrap();
+        release.send(()).unwrap();
+    };
+    let (launched, ()) = tokio::join!(launch, meanwhile);
+    let refusal = launched.unwrap_err();
+    assert!(refusal.message.contains("given up"), "{refusal:?}");
+    // No container of ours runs, none unmetered.
+    assert!(s.runtime.containers().is_empty(), "{:?}", s.runtime.containers());
+}
+
 /// Every session, ended ones too, in one page.
 fn all_sessions() -> SessionFilter {
     SessionFilter {
