@@ -292,6 +292,10 @@ struct Retry {
     backoff: Duration,
     /// The link's generation when it was scheduled.
     generation: u64,
+    /// How far the failed request reported used units: its retry repeats
+    /// it exactly (a control plane answers a repeat as the first, so units
+    /// added to a retry would never be debited).
+    sent_until: Option<UnixNanos>,
 }
 
 impl Retries {
@@ -313,7 +317,13 @@ impl Retries {
 
     /// `session`'s call failed at `now`: the next try waits twice as long
     /// as the last (from one second, at most thirty).
-    pub fn failed(&self, session: &SessionId, now: UnixNanos, generation: u64) {
+    pub fn failed(
+        &self,
+        session: &SessionId,
+        now: UnixNanos,
+        generation: u64,
+        sent_until: Option<UnixNanos>,
+    ) {
         self.with(|all| {
             let retry = all
                 .entry(session.clone())
@@ -323,6 +333,7 @@ impl Retries {
                     next_at: now,
                     backoff: RETRY_START,
                     generation,
+                    sent_until,
                 });
             retry.generation = generation;
             retry.next_at = UnixNanos(
@@ -335,6 +346,11 @@ impl Retries {
     /// `session`'s call was answered.
     pub fn answered(&self, session: &SessionId) {
         self.with(|all| all.remove(session));
+    }
+
+    /// How far the request that failed reported used units, for its retry.
+    pub fn sent_until(&self, session: &SessionId) -> Option<UnixNanos> {
+        self.with(|all| all.get(session).and_then(|retry| retry.sent_until))
     }
 
     /// Since when `session`'s calls have failed without an answer.
@@ -403,26 +419,32 @@ mod tests {
         let retries = Retries::default();
         let session = SessionId("s-1".into());
         assert!(retries.due(&session, UnixNanos(0), 1));
-        retries.failed(&session, UnixNanos(0), 1);
+        retries.failed(&session, UnixNanos(0), 1, Some(UnixNanos(7)));
         assert_eq!(retries.failing_since(&session), Some(UnixNanos(0)));
         assert!(!retries.due(&session, UnixNanos(S / 2), 1));
         assert!(retries.due(&session, UnixNanos(S), 1));
-        retries.failed(&session, UnixNanos(S), 1);
+        retries.failed(&session, UnixNanos(S), 1, Some(UnixNanos(9)));
+        assert_eq!(
+            retries.sent_until(&session),
+            Some(UnixNanos(7)),
+            "the first request's"
+        );
         assert!(!retries.due(&session, UnixNanos(2 * S), 1));
         assert!(retries.due(&session, UnixNanos(3 * S), 1), "2 s after 1 s");
         // Backoff is capped.
         let mut at = 3 * S;
         for _ in 0..10 {
-            retries.failed(&session, UnixNanos(at), 1);
+            retries.failed(&session, UnixNanos(at), 1, None);
             at += 30 * S;
             assert!(retries.due(&session, UnixNanos(at), 1));
         }
         assert_eq!(retries.failing_since(&session), Some(UnixNanos(0)));
         // The link came up since: at once.
-        retries.failed(&session, UnixNanos(at), 1);
+        retries.failed(&session, UnixNanos(at), 1, None);
         assert!(!retries.due(&session, UnixNanos(at + 1), 1));
         assert!(retries.due(&session, UnixNanos(at + 1), 2));
         retries.answered(&session);
         assert_eq!(retries.failing_since(&session), None);
+        assert_eq!(retries.sent_until(&session), None);
     }
 }

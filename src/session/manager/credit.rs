@@ -23,6 +23,7 @@ use crate::error::{Reason, Refusal};
 use crate::ledger::{Actor, CreditState};
 use crate::policy::OnBalanceExhausted;
 use crate::proto;
+use crate::runtime::ContainerId;
 use crate::session::{EndReason, Scope, SessionId, SessionRecord, SessionState};
 
 /// What the session manager needs of the control plane.
@@ -224,12 +225,19 @@ impl SessionManager {
         let generation = credit.link.generation();
         if credit.retries.due(&session.id, now, generation) {
             let from = state.reported_until.or(session.started_at).unwrap_or(now);
+            // Used units go as far as the engine confirms the container
+            // ran, and a retry repeats its request exactly.
+            let until = match credit.retries.sent_until(&session.id) {
+                Some(sent) => sent,
+                None => self.confirmed_until(&session, now).await,
+            }
+            .max(from);
             let number = state.cc_request_number + 1;
             let request = proto::ExtendGrantRequest {
                 node_id: credit.node_id.clone(),
                 session_id: session.id.0.clone(),
                 cc_request_number: number,
-                used: Some(credit::used_units(&session.devices, from, now)),
+                used: Some(credit::used_units(&session.devices, from, until)),
                 requested_service_seconds: u32::try_from(REQUESTED_SERVICE.as_secs())
                     .unwrap_or(u32::MAX),
             };
@@ -238,7 +246,7 @@ impl SessionManager {
                     credit.retries.answered(&session.id);
                     let next = match credit::read_answer(answer, now) {
                         Ok(granted) => {
-                            credit::state_after(&session.id, number, &granted, Some(now))
+                            credit::state_after(&session.id, number, &granted, Some(until))
                         }
                         Err(refusal) => {
                             let reason = match refusal.reason {
@@ -248,7 +256,7 @@ impl SessionManager {
                             tracing::warn!(session = %session.id, reason = %refusal, until = %state.granted_until, "the control plane denied more credit; the session ends with its grant");
                             CreditState {
                                 cc_request_number: number,
-                                reported_until: Some(now),
+                                reported_until: Some(until),
                                 ..credit::state_after_denial(state, reason)
                             }
                         }
@@ -257,7 +265,9 @@ impl SessionManager {
                     return Ok(());
                 }
                 Err(error) => {
-                    credit.retries.failed(&session.id, now, generation);
+                    credit
+                        .retries
+                        .failed(&session.id, now, generation, Some(until));
                     tracing::info!(session = %session.id, error = %error, until = %state.granted_until, "ExtendGrant failed; sent again with backoff");
                 }
             }
@@ -278,6 +288,30 @@ impl SessionManager {
             .await?;
         }
         Ok(())
+    }
+
+    /// The last instant the engine confirms `session`'s container ran:
+    /// `now` (taken before asking) when it runs, with usage records cut
+    /// there so that they and the used units agree; else the last cut.
+    /// Late or missing engine events never make the control plane debit
+    /// time a container did not run.
+    async fn confirmed_until(&self, session: &SessionRecord, now: UnixNanos) -> UnixNanos {
+        let last = session.metered_until.or(session.started_at).unwrap_or(now);
+        let Some(container) = &session.container_id else {
+            return last;
+        };
+        match self.runtime.inspect(&ContainerId(container.clone())).await {
+            Ok(Some(state)) if state.running => {
+                match self.ledger.checkpoint(&session.id, now).await {
+                    Ok(_) => now,
+                    Err(error) => {
+                        tracing::warn!(session = %session.id, error = %error, "could not cut usage before ExtendGrant; reporting up to the last cut");
+                        last
+                    }
+                }
+            }
+            _ => last,
+        }
     }
 
     /// CCR-Terminate for an ended session: its final used units.
@@ -321,7 +355,7 @@ impl SessionManager {
                 tracing::info!(session = %session.id, "session released at the control plane");
             }
             Err(error) => {
-                credit.retries.failed(&session.id, now, generation);
+                credit.retries.failed(&session.id, now, generation, None);
                 tracing::info!(session = %session.id, error = %error, "ReleaseSession failed; sent again with backoff");
             }
         }

@@ -17,8 +17,7 @@ use crate::runtime::{ContainerEvent, ContainerEventKind, ContainerId, ContainerS
 use crate::session::{EndReason, SessionId, SessionRecord, SessionState};
 
 use super::{
-    DEFAULT_STOP_GRACE, RECOVERY_RETRY, SessionManager, engine, exit_detail,
-    release_stop,
+    DEFAULT_STOP_GRACE, RECOVERY_RETRY, SessionManager, engine, exit_detail, release_stop,
 };
 
 impl SessionManager {

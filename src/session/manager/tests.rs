@@ -1115,7 +1115,12 @@ async fn a_launch_whose_session_was_ended_meanwhile_removes_its_container() {
             .sessions;
         s.manager
             .ledger()
-            .close(&open[0].id, None, EndReason::LaunchFailed, "given up".into())
+            .close(
+                &open[0].id,
+                None,
+                EndReason::LaunchFailed,
+                "given up".into(),
+            )
             .await
             .unwrap();
         release.send(()).unwrap();
@@ -1124,7 +1129,144 @@ async fn a_launch_whose_session_was_ended_meanwhile_removes_its_container() {
     let refusal = launched.unwrap_err();
     assert!(refusal.message.contains("given up"), "{refusal:?}");
     // No container of ours runs, none unmetered.
-    assert!(s.runtime.containers().is_empty(), "{:?}", s.runtime.containers());
+    assert!(
+        s.runtime.containers().is_empty(),
+        "{:?}",
+        s.runtime.containers()
+    );
+}
+
+/// A control plane that grants 30 s to every request and records the
+/// updates and releases it is sent.
+#[derive(Debug, Default)]
+struct RecordingPlane {
+    extensions: Mutex<Vec<crate::proto::ExtendGrantRequest>>,
+    releases: Mutex<Vec<crate::proto::ReleaseSessionRequest>>,
+}
+
+fn granted(session_id: String) -> crate::proto::CreditControlAnswer {
+    crate::proto::CreditControlAnswer {
+        session_id,
+        result: crate::proto::CreditControlResult::Success.into(),
+        grant: Some(crate::proto::CreditGrant {
+            granted_service_seconds: 30,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::control_plane::ControlPlane for RecordingPlane {
+    async fn register_node(
+        &self,
+        _: crate::proto::RegisterNodeRequest,
+    ) -> Result<crate::proto::RegisterNodeResponse, crate::control_plane::LinkError> {
+        Ok(Default::default())
+    }
+    async fn report_status(
+        &self,
+        _: crate::proto::NodeStatus,
+    ) -> Result<(), crate::control_plane::LinkError> {
+        Ok(())
+    }
+    async fn watch_policy(
+        &self,
+        _: crate::proto::WatchPolicyRequest,
+    ) -> Result<crate::control_plane::PolicyStream, crate::control_plane::LinkError> {
+        Ok(Box::pin(futures_util::stream::empty()))
+    }
+    async fn authorize_session(
+        &self,
+        request: crate::proto::AuthorizeSessionRequest,
+    ) -> Result<crate::proto::CreditControlAnswer, crate::control_plane::LinkError> {
+        Ok(granted(request.session_id))
+    }
+    async fn extend_grant(
+        &self,
+        request: crate::proto::ExtendGrantRequest,
+    ) -> Result<crate::proto::CreditControlAnswer, crate::control_plane::LinkError> {
+        let session_id = request.session_id.clone();
+        self.extensions.lock().unwrap().push(request);
+        Ok(granted(session_id))
+    }
+    async fn release_session(
+        &self,
+        request: crate::proto::ReleaseSessionRequest,
+    ) -> Result<(), crate::control_plane::LinkError> {
+        self.releases.lock().unwrap().push(request);
+        Ok(())
+    }
+    async fn report_usage(
+        &self,
+        batch: crate::proto::UsageBatch,
+    ) -> Result<crate::proto::UsageAck, crate::control_plane::LinkError> {
+        Ok(crate::proto::UsageAck {
+            acknowledged_ids: batch.records.into_iter().map(|r| r.id).collect(),
+        })
+    }
+}
+
+#[tokio::test]
+async fn credit_control_reports_only_time_the_engine_confirmed_and_agrees_with_the_records() {
+    let s = setup(DeviceInjection::Env);
+    let plane = Arc::new(RecordingPlane::default());
+    let link = Arc::new(crate::control_plane::LinkState::down_from(s.runtime.now()));
+    link.answered("RegisterNode", s.runtime.now());
+    link.set_policy_version(1);
+    let manager = s.manager.with_credit_control(CreditControl {
+        plane: plane.clone(),
+        link,
+        retries: Arc::default(),
+        offline_grace: Duration::from_secs(300),
+        node_id: "n1".into(),
+    });
+    let exited = manager
+        .launch(plan("cc-exited", None), s.devices.clone(), Vec::new())
+        .await
+        .unwrap();
+    let running = manager
+        .launch(plan("cc-running", None), s.devices.clone(), Vec::new())
+        .await
+        .unwrap();
+    // One container exits after 12 s; the engine's event never arrives.
+    s.runtime.advance(Duration::from_secs(12));
+    let container = ContainerId(exited.container_id.clone().unwrap());
+    assert!(s.runtime.exit(&container, 0, s.runtime.now()));
+    // 25 s in, 5 s before the grants end, updates are due.
+    s.runtime.advance(Duration::from_secs(13));
+    manager.credit_tick().await.unwrap();
+    let used = |id: &SessionId| -> Vec<i64> {
+        plane
+            .extensions
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|x| x.session_id == id.0)
+            .map(|x| x.used.as_ref().unwrap().device_milliseconds)
+            .collect()
+    };
+    // Nothing the engine confirmed for the exited one (its last cut is its
+    // start); the running one up to now, cut there too.
+    assert_eq!(used(&exited.id), vec![0]);
+    assert_eq!(used(&running.id), vec![25_000]);
+    let cut = manager.get(&OPERATOR, &running.id).await.unwrap();
+    assert_eq!(cut.recorded.device_ms, 25_000);
+
+    // The reconcile ends the exited one at Docker's finish; its release
+    // carries the rest: used units and records agree per session.
+    manager.reconcile(false).await.unwrap();
+    manager.credit_tick().await.unwrap();
+    let ended = manager.get(&OPERATOR, &exited.id).await.unwrap();
+    assert_eq!(ended.state, SessionState::Ended);
+    assert_eq!(ended.recorded.device_ms, 12_000);
+    let releases = plane.releases.lock().unwrap().clone();
+    let release = releases
+        .iter()
+        .find(|r| r.session_id == exited.id.0)
+        .unwrap();
+    let released = release.used.as_ref().unwrap().device_milliseconds;
+    assert_eq!(used(&exited.id).iter().sum::<i64>() + released, 12_000);
 }
 
 /// Every session, ended ones too, in one page.
