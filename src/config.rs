@@ -596,6 +596,15 @@ mod tests {
     }
 
     #[test]
+    fn the_commented_production_example_is_a_valid_config() {
+        let config = parse(include_str!("../systemd/gpuwarden.toml")).unwrap();
+        assert_eq!(
+            config.usage_retention,
+            Some(Duration::from_secs(90 * 86_400))
+        );
+    }
+
+    #[test]
     fn the_node_id_defaults_to_the_host_name() {
         let config = parse("").unwrap();
         assert_eq!(Some(config.node_id), local_hostname());

@@ -187,15 +187,7 @@ async fn a_call_that_hangs_past_its_deadline_refuses_one_launch_at_most_and_its_
     plane.switch(|s| {
         s.hang_next.insert(Call::AuthorizeSession, 1);
     });
-    let status = client
-        .launch(launch("hung-authorize", None))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        reason_of(&status).as_deref(),
-        Some("CONTROL_PLANE_UNAVAILABLE"),
-        "{status:?}"
-    );
+    refused_unavailable(&mut client, "hung-authorize").await;
     // ... and the next launch goes through at once.
     let session = client
         .launch(launch("after-hang", None))
@@ -252,14 +244,7 @@ async fn after_bursts_of_errors_launches_resume_within_seconds_and_nothing_owed_
         assert!(Instant::now() < deadline, "the link never went down");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let status = client
-        .launch(launch("burst-refused", None))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        reason_of(&status).as_deref(),
-        Some("CONTROL_PLANE_UNAVAILABLE")
-    );
+    refused_unavailable(&mut client, "burst-refused").await;
     // A release and usage become owed while it is down.
     let total_ms = stop_and_total(&mut client, &stopped.id).await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -293,14 +278,7 @@ async fn after_bursts_of_errors_launches_resume_within_seconds_and_nothing_owed_
         s.fail_next.insert(Call::ReleaseSession, 3);
         s.fail_next.insert(Call::ReportUsage, 3);
     });
-    let status = client
-        .launch(launch("credit-burst-refused", None))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        reason_of(&status).as_deref(),
-        Some("CONTROL_PLANE_UNAVAILABLE")
-    );
+    refused_unavailable(&mut client, "credit-burst-refused").await;
     let total_ms = stop_and_total(&mut client, &stopped.id).await;
     launches_resume(&mut client, "credit-burst-resumed").await;
     let record = plane
@@ -322,6 +300,20 @@ async fn after_bursts_of_errors_launches_resume_within_seconds_and_nothing_owed_
         assert!(Instant::now() < deadline, "the outbox never emptied");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A launch (as u-alice, personal) is refused CONTROL_PLANE_UNAVAILABLE.
+async fn refused_unavailable(
+    client: &mut NodeAgentClient<Channel>,
+    request_id: &str,
+) -> tonic::Status {
+    let status = client.launch(launch(request_id, None)).await.unwrap_err();
+    assert_eq!(
+        reason_of(&status).as_deref(),
+        Some("CONTROL_PLANE_UNAVAILABLE"),
+        "{status:?}"
+    );
+    status
 }
 
 /// Launches (as u-alice, personal) until one goes through: within ten
@@ -358,11 +350,7 @@ async fn a_control_plane_without_a_policy_yet_has_the_node_registered_and_report
     let state = link(&mut client).await;
     assert!(state.up, "registered: the link is up");
     assert_eq!(state.policy_version, 0);
-    let status = client.launch(launch("no-policy", None)).await.unwrap_err();
-    assert_eq!(
-        reason_of(&status).as_deref(),
-        Some("CONTROL_PLANE_UNAVAILABLE")
-    );
+    let status = refused_unavailable(&mut client, "no-policy").await;
     assert!(status.message().contains("no policy"), "{status:?}");
 
     plane.publish(1, test_policy());

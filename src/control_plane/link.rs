@@ -74,12 +74,15 @@ impl Link {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut backoff = BACKOFF_START;
         loop {
-            let (registered, error) = tokio::select! {
+            let began = tokio::time::Instant::now();
+            let error = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                outcome = self.connected() => outcome,
+                error = self.connected() => error,
             };
-            if registered {
-                // It was connected: start the backoff over.
+            if began.elapsed() >= BACKOFF_MAX {
+                // It held a while: start the backoff over. (A control plane
+                // that registers the node but fails its stream at once is
+                // not dialled in a tight loop.)
                 backoff = BACKOFF_START;
             }
             // The link's state (and its log) follows each call's result in
@@ -94,8 +97,7 @@ impl Link {
     }
 
     /// One connection: register, then follow the policy and report status
-    /// until the policy stream fails or ends; returns whether the node got
-    /// registered, and why the connection ended.
+    /// until the policy stream fails or ends; returns why it ended.
     ///
     /// The node counts as registered (and the link as up) once RegisterNode
     /// is answered: the policy stream is opened alongside, since a server
@@ -103,7 +105,7 @@ impl Link {
     /// grpcio servers do). A failed status report does not end the
     /// connection: while the link is down, status reports probe the control
     /// plane with backoff, and the first answer brings the link back up.
-    async fn connected(&self) -> (bool, LinkError) {
+    async fn connected(&self) -> LinkError {
         let mut events = self.agent.sessions().events().subscribe();
         let mut link_up = self.state.subscribe();
         let registered = match self
@@ -116,7 +118,7 @@ impl Link {
             .await
         {
             Ok(registered) => registered,
-            Err(error) => return (false, error),
+            Err(error) => return error,
         };
         let interval = match registered.status_interval_seconds {
             0 => DEFAULT_STATUS_INTERVAL,
@@ -137,8 +139,8 @@ impl Link {
             tokio::select! {
                 update = policies.next() => match update {
                     Some(Ok(update)) => self.apply_policy(update),
-                    Some(Err(error)) => return (true, error),
-                    None => return (true, LinkError::Unreachable("the policy stream ended".into())),
+                    Some(Err(error)) => return error,
+                    None => return LinkError::Unreachable("the policy stream ended".into()),
                 },
                 event = events.recv() => {
                     let changed = match event {
@@ -158,7 +160,7 @@ impl Link {
                 }
                 changed = link_up.changed() => {
                     if changed.is_err() {
-                        return (true, LinkError::Unreachable("the link's state is gone".into()));
+                        return LinkError::Unreachable("the link's state is gone".into());
                     }
                     if !*link_up.borrow_and_update() {
                         // Down while connected: probe from now on.

@@ -1044,6 +1044,17 @@ async fn stop_is_for_the_owner_and_the_operator() {
     );
 }
 
+/// Yields until a launch has reached the engine's (held) start.
+async fn until_start_is_held(runtime: &FakeRuntime) {
+    while !runtime
+        .calls()
+        .iter()
+        .any(|call| matches!(call, FakeCall::Start(_)))
+    {
+        tokio::task::yield_now().await;
+    }
+}
+
 #[tokio::test]
 async fn a_launch_slower_than_any_window_is_its_own_to_decide_even_across_a_clock_step() {
     let s = setup(DeviceInjection::Env);
@@ -1054,14 +1065,7 @@ async fn a_launch_slower_than_any_window_is_its_own_to_decide_even_across_a_cloc
         .manager
         .launch(plan("slow", None), s.devices.clone(), Vec::new());
     let meanwhile = async {
-        while !s
-            .runtime
-            .calls()
-            .iter()
-            .any(|call| matches!(call, FakeCall::Start(_)))
-        {
-            tokio::task::yield_now().await;
-        }
+        until_start_is_held(&s.runtime).await;
         s.runtime.advance(Duration::from_secs(3600));
         s.manager.reconcile(false).await.unwrap();
         s.manager.reconcile(false).await.unwrap();
@@ -1097,14 +1101,7 @@ async fn a_launch_whose_session_was_ended_meanwhile_removes_its_container() {
         .manager
         .launch(plan("given-up", None), s.devices.clone(), Vec::new());
     let meanwhile = async {
-        while !s
-            .runtime
-            .calls()
-            .iter()
-            .any(|call| matches!(call, FakeCall::Start(_)))
-        {
-            tokio::task::yield_now().await;
-        }
+        until_start_is_held(&s.runtime).await;
         // Something else ends the session while its container starts.
         let open = s
             .manager
