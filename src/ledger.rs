@@ -1215,6 +1215,12 @@ fn close_tx<E>(
     if !session.is_open() {
         return Ok(None);
     }
+    // The first stop's reason stands: a session stopping because its
+    // balance ran out and then stopped by its user ended for its balance.
+    let reason = match (session.state, session.end_reason) {
+        (SessionState::Stopping, Some(first)) => first,
+        _ => reason,
+    };
     // A session never started bills nothing; one that did is billed to its
     // end, and never before the last checkpoint.
     let ended_at = match (session.metered_until, ended_at) {

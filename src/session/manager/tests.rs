@@ -1044,6 +1044,35 @@ async fn stop_is_for_the_owner_and_the_operator() {
     );
 }
 
+#[tokio::test]
+async fn a_stop_of_a_session_already_stopping_keeps_the_first_reason() {
+    let s = setup(DeviceInjection::Env);
+    let session = s
+        .manager
+        .launch(plan("first-reason", None), s.devices.clone(), Vec::new())
+        .await
+        .unwrap();
+    // Its balance ran out: the agent's stop began (and was cut short).
+    s.manager
+        .ledger()
+        .mark_stopping(&session.id, EndReason::BalanceExhausted)
+        .await
+        .unwrap();
+    let alice = Caller {
+        principal: Some(session.owner.clone()),
+        operator: false,
+    };
+    s.runtime.advance(Duration::from_secs(2));
+    let stopped = s
+        .manager
+        .stop(&alice, &session.id, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(stopped.state, SessionState::Ended);
+    assert_eq!(stopped.end_reason, Some(EndReason::BalanceExhausted));
+    assert_eq!(stopped.recorded.device_ms, 2_000);
+}
+
 /// Yields until a launch has reached the engine's (held) start.
 async fn until_start_is_held(runtime: &FakeRuntime) {
     while !runtime
