@@ -961,6 +961,58 @@ impl Ledger {
         self.read(usage::totals).await
     }
 
+    /// The stops the agent scheduled, with their reason and due time.
+    pub async fn scheduled_stops(
+        &self,
+    ) -> Result<Vec<(SessionId, EndReason, UnixNanos)>, LedgerError> {
+        self.read(|tx| {
+            let mut statement =
+                tx.prepare_cached("SELECT session_id, reason, at_ns FROM scheduled_stops")?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, i64>(2)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(id, reason, at)| {
+                    let reason = parsed("end reason", &reason, EndReason::parse)
+                        .map_err(Outcome::Corrupt)?;
+                    Ok((SessionId(id), reason, UnixNanos(at)))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Records stops newly scheduled and forgets those cancelled or done,
+    /// in one transaction.
+    pub async fn update_scheduled_stops(
+        &self,
+        scheduled: Vec<(SessionId, EndReason, UnixNanos)>,
+        forgotten: Vec<SessionId>,
+    ) -> Result<(), LedgerError> {
+        self.transaction(move |tx| {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO scheduled_stops (session_id, reason, at_ns) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (session_id) DO UPDATE SET reason = excluded.reason, at_ns = excluded.at_ns",
+            )?;
+            for (id, reason, at) in &scheduled {
+                insert.execute(params![id.0, reason.as_str(), at.0])?;
+            }
+            let mut delete =
+                tx.prepare_cached("DELETE FROM scheduled_stops WHERE session_id = ?1")?;
+            for id in &forgotten {
+                delete.execute(params![id.0])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// Devices held by open sessions.
     pub async fn holds(&self) -> Result<HashMap<DeviceUuid, SessionId>, LedgerError> {
         self.transaction(held_devices).await

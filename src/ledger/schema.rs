@@ -160,6 +160,14 @@ CREATE TABLE usage_totals (
     cost_nano    INTEGER NOT NULL,
     PRIMARY KEY (account_id, scope, billing_path)
 ) WITHOUT ROWID;
+-- Stops the agent scheduled (a balance ran out, a reservation window
+-- opened) and when they fall due: a restart during the grace does not
+-- grant a fresh one.
+CREATE TABLE scheduled_stops (
+    session_id TEXT PRIMARY KEY REFERENCES sessions(id),
+    reason     TEXT NOT NULL,
+    at_ns      INTEGER NOT NULL
+) WITHOUT ROWID;
 -- Named counters kept in the transactions that change what they count:
 -- `undelivered` (usage records not yet acknowledged), `raw_from_day` (raw
 -- records of days before this one may be folded away: usage of those days

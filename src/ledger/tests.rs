@@ -374,7 +374,7 @@ async fn a_ledger_of_the_first_version_gets_its_sums_from_its_records() {
             "INSERT INTO session_totals SELECT session_id, SUM(device_ms), SUM(gpu_seconds), SUM(cost_nano)
                  FROM usage_records WHERE session_id = '{compacted}' GROUP BY session_id;
              DELETE FROM usage_records WHERE session_id = '{compacted}';
-             DROP TABLE usage_daily; DROP TABLE usage_totals; DROP TABLE ledger_counters;
+             DROP TABLE usage_daily; DROP TABLE usage_totals; DROP TABLE ledger_counters; DROP TABLE scheduled_stops;
              DROP INDEX sessions_created; DROP INDEX sessions_account_created; DROP INDEX sessions_billed_created;
              DROP INDEX credit_unreleased;
              ALTER TABLE sessions DROP COLUMN recorded_ms;

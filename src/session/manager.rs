@@ -80,6 +80,9 @@ pub struct SessionManager {
     /// Stops the agent itself decided (a balance ran out, a reservation
     /// window opened), due at the end of their grace period.
     scheduled: Mutex<HashMap<SessionId, ScheduledStop>>,
+    /// Whether `scheduled` was read back from the ledger (the stops an
+    /// earlier run of the agent scheduled keep their due time).
+    scheduled_loaded: AtomicBool,
     /// Sessions whose stop this process is carrying out. A STOPPING
     /// session not in here whose container runs had its stop cut short (the
     /// agent died, the engine was away): the next reconcile carries it out.
@@ -166,6 +169,7 @@ impl SessionManager {
             policy: RwLock::new(policy),
             events,
             scheduled: Mutex::new(HashMap::new()),
+            scheduled_loaded: AtomicBool::new(false),
             stops_in_flight: Arc::default(),
             launches_in_flight: Mutex::new(HashSet::new()),
             balance_notices: Mutex::new(HashMap::new()),

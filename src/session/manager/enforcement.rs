@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::PoisonError;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::{DEFAULT_STOP_GRACE, SessionManager};
@@ -128,12 +129,20 @@ impl SessionManager {
         }
 
         let grace = i64::try_from(enforcement.grace.as_nanos()).unwrap_or(i64::MAX);
-        let (newly, due) = {
+        self.load_scheduled_stops().await;
+        let (newly, forgotten, due) = {
             let mut scheduled = self
                 .scheduled
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            scheduled.retain(|id, stop| wanted.get(id) == Some(&stop.reason));
+            let mut forgotten = Vec::new();
+            scheduled.retain(|id, stop| {
+                let keep = wanted.get(id) == Some(&stop.reason);
+                if !keep {
+                    forgotten.push(id.clone());
+                }
+                keep
+            });
             let mut newly = Vec::new();
             for (id, reason) in &wanted {
                 scheduled.entry(id.clone()).or_insert_with(|| {
@@ -150,8 +159,21 @@ impl SessionManager {
                 .filter(|(_, stop)| stop.at <= now)
                 .map(|(id, stop)| (id.clone(), stop.reason))
                 .collect();
-            (newly, due)
+            (newly, forgotten, due)
         };
+        if !newly.is_empty() || !forgotten.is_empty() {
+            let scheduled = newly
+                .iter()
+                .map(|(id, stop)| (id.clone(), stop.reason, stop.at))
+                .collect();
+            if let Err(error) = self
+                .ledger
+                .update_scheduled_stops(scheduled, forgotten)
+                .await
+            {
+                tracing::warn!(error = %error, "could not record scheduled stops; a restart before they fall due grants a fresh grace");
+            }
+        }
         for (id, stop) in &newly {
             let account_id = open
                 .iter()
@@ -188,6 +210,29 @@ impl SessionManager {
             }
         }
         Ok(())
+    }
+
+    /// Reads back, once, the stops an earlier run of the agent scheduled:
+    /// they fall due when they were going to.
+    async fn load_scheduled_stops(&self) {
+        if self.scheduled_loaded.load(Ordering::SeqCst) {
+            return;
+        }
+        match self.ledger.scheduled_stops().await {
+            Ok(stops) => {
+                let mut scheduled = self
+                    .scheduled
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                for (id, reason, at) in stops {
+                    scheduled.entry(id).or_insert(ScheduledStop { reason, at });
+                }
+                self.scheduled_loaded.store(true, Ordering::SeqCst);
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "could not read the scheduled stops back; retried at the next checkpoint");
+            }
+        }
     }
 
     /// Announces each billed account's balance state once per change.

@@ -1073,6 +1073,58 @@ async fn a_stop_of_a_session_already_stopping_keeps_the_first_reason() {
     assert_eq!(stopped.recorded.device_ms, 2_000);
 }
 
+#[tokio::test]
+async fn a_restart_during_the_grace_keeps_the_stop_when_it_was_due() {
+    let s = setup_with_policy(SMALL_BALANCE);
+    let session = s
+        .manager
+        .launch(alice_gpu("grace"), s.devices.clone(), Vec::new())
+        .await
+        .unwrap();
+    // 0.5 credits at 0.01/s: out after 50 s; the stop is due 30 s later.
+    s.runtime.advance(Duration::from_secs(51));
+    s.manager.reconcile(false).await.unwrap();
+    s.manager.enforce().await.unwrap();
+    let due = UnixNanos(s.runtime.now().0 + 30_000_000_000);
+
+    // The agent restarts 20 s into the grace.
+    let Setup {
+        _dir: dir,
+        runtime,
+        manager,
+        devices: _,
+    } = s;
+    let policy = manager.policy();
+    drop(manager);
+    runtime.advance(Duration::from_secs(20));
+    let manager = SessionManager::new(
+        SessionSettings {
+            node_id: "n1".into(),
+            injection: DeviceInjection::Env,
+            usage_retention: None,
+        },
+        Ledger::open(dir.path()).unwrap(),
+        runtime.clone(),
+        Arc::new(EngineClock(runtime.clone())),
+        policy,
+        Arc::new(EventBus::new()),
+    );
+    manager.reconcile(true).await.unwrap();
+    manager.enforce().await.unwrap();
+    assert_eq!(
+        manager.get(&OPERATOR, &session.id).await.unwrap().state,
+        SessionState::Running
+    );
+    // Due when it was going to be, not a fresh 30 s after the restart.
+    runtime.advance(Duration::from_secs(10));
+    assert_eq!(runtime.now(), due);
+    manager.enforce().await.unwrap();
+    let ended = manager.get(&OPERATOR, &session.id).await.unwrap();
+    assert_eq!(ended.state, SessionState::Ended);
+    assert_eq!(ended.end_reason, Some(EndReason::BalanceExhausted));
+    assert_eq!(ended.ended_at, Some(due));
+}
+
 /// Yields until a launch has reached the engine's (held) start.
 async fn until_start_is_held(runtime: &FakeRuntime) {
     while !runtime
