@@ -1125,6 +1125,39 @@ async fn a_restart_during_the_grace_keeps_the_stop_when_it_was_due() {
     assert_eq!(ended.ended_at, Some(due));
 }
 
+#[tokio::test]
+async fn a_policy_reload_prices_new_sessions_and_leaves_running_ones_as_launched() {
+    let s = setup_with_policy(SMALL_BALANCE);
+    let before = s
+        .manager
+        .launch(alice_gpu("priced-before"), s.devices.clone(), Vec::new())
+        .await
+        .unwrap();
+    // The rate goes up a hundredfold.
+    let dearer = SMALL_BALANCE
+        .replace("default = 0.01", "default = 1.0")
+        .replace("balance = 0.5", "balance = 1000.0");
+    let reloaded = Policy::parse(Path::new("inline-policy.toml"), &dearer, None)
+        .unwrap()
+        .policy;
+    s.manager.set_policy(Arc::new(reloaded));
+    let after = s
+        .manager
+        .launch(alice_gpu("priced-after"), s.devices.clone(), Vec::new())
+        .await
+        .unwrap();
+    s.runtime.advance(Duration::from_secs(10));
+    s.manager.reconcile(false).await.unwrap();
+    let cost = |id: &SessionId| {
+        let manager = &s.manager;
+        let id = id.clone();
+        async move { manager.get(&OPERATOR, &id).await.unwrap().recorded.cost }
+    };
+    // 10 s at the rate each session was launched with.
+    assert_eq!(cost(&before.id).await, Credits::from_f64(0.1));
+    assert_eq!(cost(&after.id).await, Credits::from_f64(10.0));
+}
+
 /// Yields until a launch has reached the engine's (held) start.
 async fn until_start_is_held(runtime: &FakeRuntime) {
     while !runtime
