@@ -648,6 +648,19 @@ pub fn sums_problems(db: &Connection) -> Vec<String> {
             "SELECT account_id || '/' || scope || '/' || billing_path, device_ms, cost_nano, gpu_seconds FROM usage_totals",
         ),
         (
+            // What the ledger moved on each account is its adjustments less
+            // the cost of its balance-path records: every debit is paid by a
+            // record, and no record is debited twice or not at all.
+            "balance debits",
+            "SELECT account_id, SUM(delta), 0, 0.0 FROM (
+                 SELECT account_id, delta_nano AS delta FROM balance_adjustments
+                 UNION ALL
+                 SELECT s.billed_account_id, -u.cost_nano FROM usage_records u JOIN sessions s ON s.id = u.session_id
+                 WHERE s.billing_path = 'balance'
+             ) GROUP BY account_id",
+            "SELECT account_id, delta_nano, 0, 0.0 FROM account_balances",
+        ),
+        (
             "outbox counter",
             "SELECT 'undelivered', COUNT(*), 0, 0.0 FROM usage_records WHERE delivered_at_ns IS NULL",
             "SELECT name, value, 0, 0.0 FROM ledger_counters WHERE name = 'undelivered'",
