@@ -264,6 +264,10 @@ pub struct CreditState {
     pub reported_until: Option<UnixNanos>,
     /// When the terminate (ReleaseSession) was acknowledged.
     pub released_at: Option<UnixNanos>,
+    /// An update (request `cc_request_number + 1`) was sent reporting used
+    /// units up to here and not answered yet: it is sent again exactly (a
+    /// control plane answers a repeat as the first), also after a restart.
+    pub pending_until: Option<UnixNanos>,
 }
 
 /// A usage record of the outbox with its session's facts, ready to send.
@@ -750,12 +754,13 @@ impl Ledger {
         self.transaction(move |tx| {
             tx.execute(
                 "INSERT INTO credit_control (session_id, cc_request_number, granted_until_ns, granted_ns,
-                     final_action, final_end_reason, reported_until_ns, released_at_ns)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     final_action, final_end_reason, reported_until_ns, released_at_ns, pending_until_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT (session_id) DO UPDATE SET cc_request_number = excluded.cc_request_number,
                      granted_until_ns = excluded.granted_until_ns, granted_ns = excluded.granted_ns,
                      final_action = excluded.final_action, final_end_reason = excluded.final_end_reason,
-                     reported_until_ns = excluded.reported_until_ns, released_at_ns = excluded.released_at_ns",
+                     reported_until_ns = excluded.reported_until_ns, released_at_ns = excluded.released_at_ns,
+                     pending_until_ns = excluded.pending_until_ns",
                 params![
                     state.session_id.0,
                     i64::try_from(state.cc_request_number).unwrap_or(i64::MAX),
@@ -765,6 +770,7 @@ impl Ledger {
                     state.final_unit.map(|(_, reason)| reason.as_str()),
                     state.reported_until.map(|t| t.0),
                     state.released_at.map(|t| t.0),
+                    state.pending_until.map(|t| t.0),
                 ],
             )?;
             if let Some((billed_account_id, path)) = billed {
@@ -784,7 +790,8 @@ impl Ledger {
         self.transaction(|tx| {
             let mut statement = tx.prepare_cached(
                 "SELECT c.session_id, c.cc_request_number, c.granted_until_ns, c.granted_ns,
-                        c.final_action, c.final_end_reason, c.reported_until_ns, c.released_at_ns
+                        c.final_action, c.final_end_reason, c.reported_until_ns, c.released_at_ns,
+                        c.pending_until_ns
                  FROM credit_control c INDEXED BY credit_unreleased CROSS JOIN sessions s
                  WHERE c.released_at_ns IS NULL AND s.id = c.session_id
                  ORDER BY s.created_at_ns",
@@ -800,12 +807,13 @@ impl Ledger {
                         row.get::<_, Option<String>>(5)?,
                         row.get::<_, Option<i64>>(6)?,
                         row.get::<_, Option<i64>>(7)?,
+                        row.get::<_, Option<i64>>(8)?,
                     ))
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             rows.into_iter()
                 .map(
-                    |(id, number, until, granted, action, reason, reported, released)| {
+                    |(id, number, until, granted, action, reason, reported, released, pending)| {
                         let final_unit = match (action, reason) {
                             (Some(action), Some(reason)) => Some((
                                 parsed("final unit action", &action, FinalUnitAction::parse)
@@ -826,6 +834,7 @@ impl Ledger {
                             final_unit,
                             reported_until: reported.map(UnixNanos),
                             released_at: released.map(UnixNanos),
+                            pending_until: pending.map(UnixNanos),
                         };
                         Ok((state, session))
                     },
@@ -996,17 +1005,19 @@ impl Ledger {
         forgotten: Vec<SessionId>,
     ) -> Result<(), LedgerError> {
         self.transaction(move |tx| {
+            // Forgotten first: a stop whose reason changed is forgotten
+            // and scheduled anew in the same call.
+            let mut delete =
+                tx.prepare_cached("DELETE FROM scheduled_stops WHERE session_id = ?1")?;
+            for id in &forgotten {
+                delete.execute(params![id.0])?;
+            }
             let mut insert = tx.prepare_cached(
                 "INSERT INTO scheduled_stops (session_id, reason, at_ns) VALUES (?1, ?2, ?3)
                  ON CONFLICT (session_id) DO UPDATE SET reason = excluded.reason, at_ns = excluded.at_ns",
             )?;
             for (id, reason, at) in &scheduled {
                 insert.execute(params![id.0, reason.as_str(), at.0])?;
-            }
-            let mut delete =
-                tx.prepare_cached("DELETE FROM scheduled_stops WHERE session_id = ?1")?;
-            for id in &forgotten {
-                delete.execute(params![id.0])?;
             }
             Ok(())
         })

@@ -99,6 +99,7 @@ pub fn pending(session: &SessionId, now: UnixNanos) -> CreditState {
         final_unit: None,
         reported_until: None,
         released_at: None,
+        pending_until: None,
     }
 }
 
@@ -117,6 +118,7 @@ pub fn state_after(
         final_unit: granted.final_unit,
         reported_until,
         released_at: None,
+        pending_until: None,
     }
 }
 
@@ -125,6 +127,7 @@ pub fn state_after(
 pub fn state_after_denial(state: &CreditState, reason: EndReason) -> CreditState {
     CreditState {
         final_unit: Some((FinalUnitAction::Terminate, reason)),
+        pending_until: None,
         ..state.clone()
     }
 }

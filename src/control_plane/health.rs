@@ -3,8 +3,10 @@
 //! each answer and each failure.
 //!
 //! - An answer to any call (a registration, a status report, a policy
-//!   update, a grant, an acknowledgement) is evidence the control plane is
-//!   up: the link is up from then on.
+//!   update, a grant, an acknowledgement, an error status it chose to
+//!   send) is evidence the control plane is up: the link is up from then
+//!   on. Only calls that got no answer (unreachable, a deadline, a
+//!   transport error) count as failures.
 //! - One failed or timed-out call is not an outage (a replica restarting, a
 //!   lost answer): the link is declared down only after
 //!   [`DOWN_AFTER_FAILURES`] calls in a row failed, and then counts as down
@@ -85,8 +87,9 @@ impl LinkState {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let result = change(&mut health);
+        // Sent under the lock, so the channel never ends on a stale value
+        // when two changes race.
         let up = health.up;
-        drop(health);
         self.up.send_if_modified(|was| {
             let changed = *was != up;
             *was = up;
@@ -202,7 +205,8 @@ impl Observed {
     fn observe<T>(&self, call: &'static str, result: Result<T, LinkError>) -> Result<T, LinkError> {
         let now = self.clock.now();
         match &result {
-            Ok(_) => self.state.answered(call, now),
+            // An error status is an answer: the control plane is there.
+            Ok(_) | Err(LinkError::Status { .. }) => self.state.answered(call, now),
             Err(error) => self.state.failed(call, error, now),
         }
         result
@@ -292,10 +296,6 @@ struct Retry {
     backoff: Duration,
     /// The link's generation when it was scheduled.
     generation: u64,
-    /// How far the failed request reported used units: its retry repeats
-    /// it exactly (a control plane answers a repeat as the first, so units
-    /// added to a retry would never be debited).
-    sent_until: Option<UnixNanos>,
 }
 
 impl Retries {
@@ -317,13 +317,7 @@ impl Retries {
 
     /// `session`'s call failed at `now`: the next try waits twice as long
     /// as the last (from one second, at most thirty).
-    pub fn failed(
-        &self,
-        session: &SessionId,
-        now: UnixNanos,
-        generation: u64,
-        sent_until: Option<UnixNanos>,
-    ) {
+    pub fn failed(&self, session: &SessionId, now: UnixNanos, generation: u64) {
         self.with(|all| {
             let retry = all
                 .entry(session.clone())
@@ -333,7 +327,6 @@ impl Retries {
                     next_at: now,
                     backoff: RETRY_START,
                     generation,
-                    sent_until,
                 });
             retry.generation = generation;
             retry.next_at = UnixNanos(
@@ -346,11 +339,6 @@ impl Retries {
     /// `session`'s call was answered.
     pub fn answered(&self, session: &SessionId) {
         self.with(|all| all.remove(session));
-    }
-
-    /// How far the request that failed reported used units, for its retry.
-    pub fn sent_until(&self, session: &SessionId) -> Option<UnixNanos> {
-        self.with(|all| all.get(session).and_then(|retry| retry.sent_until))
     }
 
     /// Since when `session`'s calls have failed without an answer.
@@ -419,32 +407,26 @@ mod tests {
         let retries = Retries::default();
         let session = SessionId("s-1".into());
         assert!(retries.due(&session, UnixNanos(0), 1));
-        retries.failed(&session, UnixNanos(0), 1, Some(UnixNanos(7)));
+        retries.failed(&session, UnixNanos(0), 1);
         assert_eq!(retries.failing_since(&session), Some(UnixNanos(0)));
         assert!(!retries.due(&session, UnixNanos(S / 2), 1));
         assert!(retries.due(&session, UnixNanos(S), 1));
-        retries.failed(&session, UnixNanos(S), 1, Some(UnixNanos(9)));
-        assert_eq!(
-            retries.sent_until(&session),
-            Some(UnixNanos(7)),
-            "the first request's"
-        );
+        retries.failed(&session, UnixNanos(S), 1);
         assert!(!retries.due(&session, UnixNanos(2 * S), 1));
         assert!(retries.due(&session, UnixNanos(3 * S), 1), "2 s after 1 s");
         // Backoff is capped.
         let mut at = 3 * S;
         for _ in 0..10 {
-            retries.failed(&session, UnixNanos(at), 1, None);
+            retries.failed(&session, UnixNanos(at), 1);
             at += 30 * S;
             assert!(retries.due(&session, UnixNanos(at), 1));
         }
         assert_eq!(retries.failing_since(&session), Some(UnixNanos(0)));
         // The link came up since: at once.
-        retries.failed(&session, UnixNanos(at), 1, None);
+        retries.failed(&session, UnixNanos(at), 1);
         assert!(!retries.due(&session, UnixNanos(at + 1), 1));
         assert!(retries.due(&session, UnixNanos(at + 1), 2));
         retries.answered(&session);
         assert_eq!(retries.failing_since(&session), None);
-        assert_eq!(retries.sent_until(&session), None);
     }
 }

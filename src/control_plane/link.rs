@@ -135,6 +135,10 @@ impl Link {
         let mut probe_backoff = BACKOFF_START;
         let probe = tokio::time::sleep(probe_backoff);
         tokio::pin!(probe);
+        // When the link last came up: one that goes down again soon after
+        // keeps its probe backoff, so a flapping link is not probed (and
+        // its owed calls sent again) every second.
+        let mut up_since = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 update = policies.next() => match update {
@@ -162,9 +166,15 @@ impl Link {
                     if changed.is_err() {
                         return LinkError::Unreachable("the link's state is gone".into());
                     }
-                    if !*link_up.borrow_and_update() {
+                    if *link_up.borrow_and_update() {
+                        up_since = tokio::time::Instant::now();
+                    } else {
                         // Down while connected: probe from now on.
-                        probe_backoff = BACKOFF_START;
+                        probe_backoff = if up_since.elapsed() >= BACKOFF_MAX {
+                            BACKOFF_START
+                        } else {
+                            next_backoff(probe_backoff).min(PROBE_MAX)
+                        };
                         probe.as_mut().reset(tokio::time::Instant::now() + probe_backoff);
                     }
                 }

@@ -135,6 +135,8 @@ DROP INDEX IF EXISTS sessions_account;
 CREATE INDEX sessions_created ON sessions(created_at_ns, id);
 CREATE INDEX sessions_account_created ON sessions(account_id, created_at_ns, id);
 CREATE INDEX sessions_billed_created ON sessions(billed_account_id, created_at_ns, id);
+-- An update sent and not answered yet: its retry repeats it exactly.
+ALTER TABLE credit_control ADD COLUMN pending_until_ns INTEGER;
 -- Credit control of sessions whose terminate is owed (every open session's
 -- is): what the credit tick reads every second.
 CREATE INDEX credit_unreleased ON credit_control(session_id) WHERE released_at_ns IS NULL;
@@ -210,7 +212,11 @@ INSERT INTO usage_totals
     FROM usage_daily GROUP BY 1, 2, 3;
 INSERT INTO ledger_counters
     SELECT 'undelivered', COUNT(*) FROM usage_records WHERE delivered_at_ns IS NULL;
-INSERT INTO ledger_counters VALUES ('raw_from_day', 0);
+-- Days up to the last one a compacted session metered have lost raw
+-- records: reports read them whole.
+INSERT INTO ledger_counters
+    SELECT 'raw_from_day', COALESCE(MAX(COALESCE(s.metered_until_ns, s.ended_at_ns, s.created_at_ns)) / 86400000000000 + 1, 0)
+    FROM session_totals t JOIN sessions s ON s.id = t.session_id;
 DELETE FROM session_totals;
 "#;
 

@@ -381,6 +381,7 @@ async fn a_ledger_of_the_first_version_gets_its_sums_from_its_records() {
              ALTER TABLE sessions DROP COLUMN recorded_gpu_seconds;
              ALTER TABLE sessions DROP COLUMN recorded_cost_nano;
              ALTER TABLE sessions DROP COLUMN usage_seq;
+             ALTER TABLE credit_control DROP COLUMN pending_until_ns;
              PRAGMA user_version = 0;"
         ))
         .unwrap();
@@ -397,6 +398,30 @@ async fn a_ledger_of_the_first_version_gets_its_sums_from_its_records() {
         ),
         expected
     );
+    // Adjacent periods that split a day the compacted session metered add
+    // up to their union: each record counts in exactly one of them.
+    let half = |from: i64, to: i64| {
+        let ledger = ledger.clone();
+        async move {
+            by_key(
+                &ledger
+                    .usage(vec!["acme".into()], UnixNanos(from), UnixNanos(to))
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    let (first, second) = (
+        half(0, start + 2 * HOUR).await,
+        half(start + 2 * HOUR, start + DAY).await,
+    );
+    let mut union = first.clone();
+    for (key, (ms, cost)) in second {
+        let entry = union.entry(key).or_default();
+        entry.0 += ms;
+        entry.1 += cost;
+    }
+    assert_eq!(union, expected, "{first:?}");
     assert_eq!(ledger.outbox_backlog().await.unwrap(), 5);
     // The next record of a migrated session does not reuse an id.
     let db = Connection::open(ledger.path()).unwrap();

@@ -44,9 +44,9 @@ pub(super) fn add_to_sums<E>(
     let mut by_class: BTreeMap<&str, (i64, f64, i64)> = BTreeMap::new();
     for cut in cuts {
         let sums = by_class.entry(cut.device_class.as_str()).or_default();
-        sums.0 += cut.device_ms;
+        sums.0 = sums.0.saturating_add(cut.device_ms);
         sums.1 += cut.gpu_seconds;
-        sums.2 += cut.cost.0;
+        sums.2 = sums.2.saturating_add(cut.cost.0);
     }
     let mut daily = tx.prepare_cached(
         "INSERT INTO usage_daily (account_id, day, scope, billing_path, device_class, device_ms, gpu_seconds, cost_nano)
@@ -70,7 +70,7 @@ pub(super) fn add_to_sums<E>(
     let (ms, gpu, cost) = by_class
         .values()
         .fold((0i64, 0f64, 0i64), |(a, b, c), (x, y, z)| {
-            (a + x, b + y, c.saturating_add(*z))
+            (a.saturating_add(*x), b + y, c.saturating_add(*z))
         });
     tx.prepare_cached(
         "INSERT INTO usage_totals (account_id, scope, billing_path, device_ms, gpu_seconds, cost_nano)

@@ -664,7 +664,6 @@ impl SessionManager {
     }
 }
 
-/// The stop of `id` is no longer under way in this process.
 /// A launch in flight (`SessionManager::launches_in_flight`): gone when the
 /// launch returns, or is dropped because its caller went away.
 #[derive(Debug)]
@@ -701,6 +700,7 @@ impl SessionManager {
     }
 }
 
+/// `id`'s stop (or launch) is no longer under way in this process.
 fn release_stop(in_flight: &Mutex<HashSet<SessionId>>, id: &SessionId) {
     in_flight
         .lock()

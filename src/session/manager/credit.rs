@@ -224,24 +224,28 @@ impl SessionManager {
         }
         let generation = credit.link.generation();
         if credit.retries.due(&session.id, now, generation) {
-            let from = state.reported_until.or(session.started_at).unwrap_or(now);
-            // Used units go as far as the engine confirms the container
-            // ran, and a retry repeats its request exactly.
-            let until = match credit.retries.sent_until(&session.id) {
-                Some(sent) => sent,
-                None => self.confirmed_until(&session, now).await,
-            }
-            .max(from);
-            let number = state.cc_request_number + 1;
-            let request = proto::ExtendGrantRequest {
-                node_id: credit.node_id.clone(),
-                session_id: session.id.0.clone(),
-                cc_request_number: number,
-                used: Some(credit::used_units(&session.devices, from, until)),
-                requested_service_seconds: u32::try_from(REQUESTED_SERVICE.as_secs())
-                    .unwrap_or(u32::MAX),
+            let until = match state.pending_until {
+                Some(pending) => pending,
+                None => {
+                    // Used units go as far as the engine confirms the
+                    // container ran. Recorded before the call: its retry,
+                    // after a restart too, repeats it exactly.
+                    let from = state.reported_until.or(session.started_at).unwrap_or(now);
+                    let until = self.confirmed_until(&session, now).await.max(from);
+                    self.ledger
+                        .record_credit(
+                            CreditState {
+                                pending_until: Some(until),
+                                ..state.clone()
+                            },
+                            None,
+                        )
+                        .await?;
+                    until
+                }
             };
-            match credit.plane.extend_grant(request).await {
+            let number = state.cc_request_number + 1;
+            match self.send_update(credit, state, &session, until).await {
                 Ok(answer) => {
                     credit.retries.answered(&session.id);
                     let next = match credit::read_answer(answer, now) {
@@ -265,9 +269,7 @@ impl SessionManager {
                     return Ok(());
                 }
                 Err(error) => {
-                    credit
-                        .retries
-                        .failed(&session.id, now, generation, Some(until));
+                    credit.retries.failed(&session.id, now, generation);
                     tracing::info!(session = %session.id, error = %error, until = %state.granted_until, "ExtendGrant failed; sent again with backoff");
                 }
             }
@@ -288,6 +290,33 @@ impl SessionManager {
             .await?;
         }
         Ok(())
+    }
+
+    /// CCR-Update `state.cc_request_number + 1`: the used units from the
+    /// last report to `until`.
+    async fn send_update(
+        &self,
+        credit: &CreditControl,
+        state: &CreditState,
+        session: &SessionRecord,
+        until: UnixNanos,
+    ) -> Result<proto::CreditControlAnswer, LinkError> {
+        let from = state
+            .reported_until
+            .or(session.started_at)
+            .unwrap_or(until)
+            .min(until);
+        credit
+            .plane
+            .extend_grant(proto::ExtendGrantRequest {
+                node_id: credit.node_id.clone(),
+                session_id: session.id.0.clone(),
+                cc_request_number: state.cc_request_number + 1,
+                used: Some(credit::used_units(&session.devices, from, until)),
+                requested_service_seconds: u32::try_from(REQUESTED_SERVICE.as_secs())
+                    .unwrap_or(u32::MAX),
+            })
+            .await
     }
 
     /// The last instant the engine confirms `session`'s container ran:
@@ -326,6 +355,38 @@ impl SessionManager {
         if !credit.retries.due(&session.id, now, generation) {
             return Ok(());
         }
+        // An update sent and never answered goes first, exactly as it was:
+        // the control plane may have applied it. Released after it, the
+        // rest is neither debited twice nor lost.
+        let mut state = state.clone();
+        if let Some(until) = state.pending_until {
+            match self.send_update(credit, &state, session, until).await {
+                Ok(_) => {
+                    state = CreditState {
+                        cc_request_number: state.cc_request_number + 1,
+                        reported_until: Some(until),
+                        pending_until: None,
+                        ..state
+                    };
+                }
+                // Refused, so not applied: the release reports from the
+                // last answered update, under a number of its own.
+                Err(LinkError::Status { code, message }) => {
+                    tracing::warn!(session = %session.id, code, message, "the control plane refused the pending update; the release reports its units");
+                    state = CreditState {
+                        cc_request_number: state.cc_request_number + 1,
+                        pending_until: None,
+                        ..state
+                    };
+                }
+                Err(error) => {
+                    credit.retries.failed(&session.id, now, generation);
+                    tracing::info!(session = %session.id, error = %error, "the pending ExtendGrant failed again; the release waits for it");
+                    return Ok(());
+                }
+            }
+            self.ledger.record_credit(state.clone(), None).await?;
+        }
         let ended_at = session.ended_at;
         let used = match (state.reported_until.or(session.started_at), ended_at) {
             (Some(from), Some(to)) => Some(credit::used_units(&session.devices, from, to)),
@@ -339,8 +400,22 @@ impl SessionManager {
             end_reason: convert::end_reason_to_proto(Some(session.stop_reason())),
             ended_at: ended_at.map(UnixNanos::to_timestamp),
         };
-        match credit.plane.release_session(request).await {
-            Ok(()) => {
+        let answered = match credit.plane.release_session(request).await {
+            Ok(()) => true,
+            // It holds nothing for this session (a launch whose
+            // authorization never reached it): nothing to release.
+            Err(LinkError::Status { code, message }) if code == "NotFound" => {
+                tracing::info!(session = %session.id, message, "the control plane does not know the session; nothing to release");
+                true
+            }
+            Err(error) => {
+                credit.retries.failed(&session.id, now, generation);
+                tracing::info!(session = %session.id, error = %error, "ReleaseSession failed; sent again with backoff");
+                false
+            }
+        };
+        if answered {
+            {
                 credit.retries.answered(&session.id);
                 self.ledger
                     .record_credit(
@@ -353,10 +428,6 @@ impl SessionManager {
                     )
                     .await?;
                 tracing::info!(session = %session.id, "session released at the control plane");
-            }
-            Err(error) => {
-                credit.retries.failed(&session.id, now, generation, None);
-                tracing::info!(session = %session.id, error = %error, "ReleaseSession failed; sent again with backoff");
             }
         }
         Ok(())

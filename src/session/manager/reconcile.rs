@@ -213,9 +213,18 @@ impl SessionManager {
                 Some(current) if current.state == SessionState::Starting => {}
                 _ => return Ok(()),
             }
+            // The engine is asked again by the session's label too: a
+            // launch dropped by its caller may have made its container
+            // after the list was read.
             let container = match container {
                 Some(listed) => self.runtime.inspect(&listed.id).await.map_err(engine)?,
-                None => None,
+                None => self
+                    .runtime
+                    .list_labelled(labels::SESSION, &id.0)
+                    .await
+                    .map_err(engine)?
+                    .into_iter()
+                    .next(),
             };
             return match container {
                 Some(state) if state.running && state.started_at.is_some() => {

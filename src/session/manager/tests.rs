@@ -1158,6 +1158,56 @@ async fn a_policy_reload_prices_new_sessions_and_leaves_running_ones_as_launched
     assert_eq!(cost(&after.id).await, Credits::from_f64(10.0));
 }
 
+#[tokio::test]
+async fn an_update_whose_answer_was_lost_is_sent_again_exactly_before_the_release() {
+    let s = setup(DeviceInjection::Env);
+    let plane = Arc::new(RecordingPlane::default());
+    let link = Arc::new(crate::control_plane::LinkState::down_from(s.runtime.now()));
+    link.answered("RegisterNode", s.runtime.now());
+    link.set_policy_version(1);
+    let manager = s.manager.with_credit_control(CreditControl {
+        plane: plane.clone(),
+        link,
+        retries: Arc::default(),
+        offline_grace: Duration::from_secs(300),
+        node_id: "n1".into(),
+    });
+    let session = manager
+        .launch(plan("lost-answer", None), s.devices.clone(), Vec::new())
+        .await
+        .unwrap();
+    // The update at 25 s is applied, its answer lost.
+    plane
+        .lose_extend_answers
+        .store(1, Ordering::SeqCst);
+    s.runtime.advance(Duration::from_secs(25));
+    manager.credit_tick().await.unwrap();
+    // The session is stopped before the retry would go out.
+    s.runtime.advance(Duration::from_millis(500));
+    let stopped = manager
+        .stop(&OPERATOR, &session.id, Duration::ZERO)
+        .await
+        .unwrap();
+    s.runtime.advance(Duration::from_secs(2));
+    manager.credit_tick().await.unwrap();
+    let extensions = plane.extensions.lock().unwrap().clone();
+    assert_eq!(extensions.len(), 2, "{extensions:?}");
+    assert_eq!(
+        extensions[0], extensions[1],
+        "the retry repeats the update exactly"
+    );
+    assert_eq!(extensions[0].cc_request_number, 1);
+    let releases = plane.releases.lock().unwrap().clone();
+    assert_eq!(releases.len(), 1);
+    assert_eq!(releases[0].cc_request_number, 2);
+    let reported = extensions[0].used.as_ref().unwrap().device_milliseconds
+        + releases[0].used.as_ref().unwrap().device_milliseconds;
+    assert_eq!(
+        reported, stopped.recorded.device_ms,
+        "every millisecond once"
+    );
+}
+
 /// Yields until a launch has reached the engine's (held) start.
 async fn until_start_is_held(runtime: &FakeRuntime) {
     while !runtime
@@ -1251,6 +1301,9 @@ async fn a_launch_whose_session_was_ended_meanwhile_removes_its_container() {
 /// updates and releases it is sent.
 #[derive(Debug, Default)]
 struct RecordingPlane {
+    /// The next this many updates are applied (recorded) but their answer
+    /// is lost.
+    lose_extend_answers: std::sync::atomic::AtomicU32,
     extensions: Mutex<Vec<crate::proto::ExtendGrantRequest>>,
     releases: Mutex<Vec<crate::proto::ReleaseSessionRequest>>,
 }
@@ -1299,6 +1352,19 @@ impl crate::control_plane::ControlPlane for RecordingPlane {
     ) -> Result<crate::proto::CreditControlAnswer, crate::control_plane::LinkError> {
         let session_id = request.session_id.clone();
         self.extensions.lock().unwrap().push(request);
+        let lose = self
+            .lose_extend_answers
+            .fetch_update(
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
+        if lose {
+            return Err(crate::control_plane::LinkError::Unreachable(
+                "the answer was lost".into(),
+            ));
+        }
         Ok(granted(session_id))
     }
     async fn release_session(
