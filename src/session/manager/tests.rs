@@ -1161,17 +1161,7 @@ async fn a_policy_reload_prices_new_sessions_and_leaves_running_ones_as_launched
 #[tokio::test]
 async fn an_update_whose_answer_was_lost_is_sent_again_exactly_before_the_release() {
     let s = setup(DeviceInjection::Env);
-    let plane = Arc::new(RecordingPlane::default());
-    let link = Arc::new(crate::control_plane::LinkState::down_from(s.runtime.now()));
-    link.answered("RegisterNode", s.runtime.now());
-    link.set_policy_version(1);
-    let manager = s.manager.with_credit_control(CreditControl {
-        plane: plane.clone(),
-        link,
-        retries: Arc::default(),
-        offline_grace: Duration::from_secs(300),
-        node_id: "n1".into(),
-    });
+    let (manager, plane) = linked(s.manager, s.runtime.now());
     let session = manager
         .launch(plan("lost-answer", None), s.devices.clone(), Vec::new())
         .await
@@ -1384,20 +1374,27 @@ impl crate::control_plane::ControlPlane for RecordingPlane {
     }
 }
 
-#[tokio::test]
-async fn credit_control_reports_only_time_the_engine_confirmed_and_agrees_with_the_records() {
-    let s = setup(DeviceInjection::Env);
+/// `manager` in control-plane mode, its link up with a policy, on a
+/// [`RecordingPlane`].
+fn linked(manager: SessionManager, now: UnixNanos) -> (SessionManager, Arc<RecordingPlane>) {
     let plane = Arc::new(RecordingPlane::default());
-    let link = Arc::new(crate::control_plane::LinkState::down_from(s.runtime.now()));
-    link.answered("RegisterNode", s.runtime.now());
+    let link = Arc::new(crate::control_plane::LinkState::down_from(now));
+    link.answered("RegisterNode", now);
     link.set_policy_version(1);
-    let manager = s.manager.with_credit_control(CreditControl {
+    let manager = manager.with_credit_control(CreditControl {
         plane: plane.clone(),
         link,
         retries: Arc::default(),
         offline_grace: Duration::from_secs(300),
         node_id: "n1".into(),
     });
+    (manager, plane)
+}
+
+#[tokio::test]
+async fn credit_control_reports_only_time_the_engine_confirmed_and_agrees_with_the_records() {
+    let s = setup(DeviceInjection::Env);
+    let (manager, plane) = linked(s.manager, s.runtime.now());
     let exited = manager
         .launch(plan("cc-exited", None), s.devices.clone(), Vec::new())
         .await
