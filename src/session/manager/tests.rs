@@ -1167,9 +1167,7 @@ async fn an_update_whose_answer_was_lost_is_sent_again_exactly_before_the_releas
         .await
         .unwrap();
     // The update at 25 s is applied, its answer lost.
-    plane
-        .lose_extend_answers
-        .store(1, Ordering::SeqCst);
+    plane.lose_extend_answers.store(1, Ordering::SeqCst);
     s.runtime.advance(Duration::from_secs(25));
     manager.credit_tick().await.unwrap();
     // The session is stopped before the retry would go out.
@@ -1344,11 +1342,7 @@ impl crate::control_plane::ControlPlane for RecordingPlane {
         self.extensions.lock().unwrap().push(request);
         let lose = self
             .lose_extend_answers
-            .fetch_update(
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-                |n| n.checked_sub(1),
-            )
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         if lose {
             return Err(crate::control_plane::LinkError::Unreachable(
