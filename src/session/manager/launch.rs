@@ -324,8 +324,10 @@ fn admit(
     for device in view.open.iter().flat_map(|session| &session.devices) {
         unavailable.insert(device.clone(), Unavailable::Held);
     }
+    // Reserved for another org is the lasting reason, whatever else holds
+    // the device now: a caller told NO_FREE_DEVICES would only try again.
     for (device, reserved) in admission::reserved_for_others(policy, account, now) {
-        unavailable.entry(device).or_insert(reserved);
+        unavailable.insert(device, reserved);
     }
     let preferred = admission::reserved_for(policy, account, now);
     let picked = allocation::pick_preferring(devices, &unavailable, selector, &preferred)?;

@@ -678,6 +678,17 @@ async fn a_reservation_window_opening_stops_other_accounts_sessions_after_the_gr
         .unwrap();
     assert_eq!(vision.billing_path, BillingPath::Reservation);
     assert_eq!(vision.billed_account_id, "acme");
+    // Reserved for another org and busy too: the lasting reason.
+    let refusal = s
+        .manager
+        .launch(
+            exact("r4", "u-bob", Scope::Personal, ""),
+            s.devices.clone(),
+            Vec::new(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refusal.reason, Reason::DeviceReserved);
     s.runtime.advance(Duration::from_secs(100));
     s.manager.reconcile(false).await.unwrap();
     let metered = s.manager.get(&OPERATOR, &vision.id).await.unwrap();
