@@ -428,17 +428,9 @@ impl Ledger {
             + Send
             + 'static,
     {
-        blocking(&self.reader, &self.path, move |connection| {
-            let tx = connection.transaction()?;
-            let value = work(&tx)?;
-            tx.commit()?;
-            Ok(value)
-        })
-        .await
-        .map_err(|error| match error {
-            CallError::Ledger(error) => error,
-            CallError::Other(never) => match never {},
-        })
+        blocking(&self.reader, &self.path, in_transaction(work))
+            .await
+            .map_err(CallError::into_ledger)
     }
 
     /// In one transaction: returns the session of `new.request_id` if there
@@ -1051,17 +1043,9 @@ impl Ledger {
             + Send
             + 'static,
     {
-        self.call_with(move |connection| {
-            let tx = connection.transaction()?;
-            let value = work(&tx)?;
-            tx.commit()?;
-            Ok(value)
-        })
-        .await
-        .map_err(|error| match error {
-            CallError::Ledger(error) => error,
-            CallError::Other(never) => match never {},
-        })
+        self.call_with(in_transaction(work))
+            .await
+            .map_err(CallError::into_ledger)
     }
 }
 
@@ -1114,6 +1098,32 @@ impl Batch<'_> {
         reason: EndReason,
     ) -> Result<Option<SessionRecord>, BatchError> {
         Ok(close_tx(self.0, &id.0, Some(ended_at), reason, "")?)
+    }
+}
+
+/// `work` in one transaction of a connection, committed when it returns
+/// `Ok`: what `Ledger::transaction` runs on the writer and `Ledger::read`
+/// on the reader.
+fn in_transaction<T, F>(
+    work: F,
+) -> impl FnOnce(&mut Connection) -> Result<T, Outcome<std::convert::Infallible>>
+where
+    F: FnOnce(&Transaction<'_>) -> Result<T, Outcome<std::convert::Infallible>>,
+{
+    move |connection| {
+        let tx = connection.transaction()?;
+        let value = work(&tx)?;
+        tx.commit()?;
+        Ok(value)
+    }
+}
+
+impl CallError<std::convert::Infallible> {
+    fn into_ledger(self) -> LedgerError {
+        match self {
+            Self::Ledger(error) => error,
+            Self::Other(never) => match never {},
+        }
     }
 }
 

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{Transaction, params, params_from_iter};
+use rusqlite::{OptionalExtension, Transaction, params, params_from_iter};
 
 use super::{Outcome, UsageTotal, parsed};
 use crate::clock::UnixNanos;
@@ -110,10 +110,8 @@ pub(super) fn counter<E>(tx: &Transaction<'_>, name: &str) -> Result<i64, Outcom
     Ok(tx
         .prepare_cached("SELECT value FROM ledger_counters WHERE name = ?1")?
         .query_row(params![name], |row| row.get(0))
-        .or_else(|error| match error {
-            rusqlite::Error::QueryReturnedNoRows => Ok(0),
-            error => Err(error),
-        })?)
+        .optional()?
+        .unwrap_or(0))
 }
 
 /// How a report over record ends in `(from, to]` is read.
